@@ -1,0 +1,24 @@
+// Every op's schema, in one place. Kernels register themselves per device at the end of the file that holds
+// them (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu); fake kernels and autograd formulas live in eyecool_ext/ops/.
+// Backward passes are ops of their own (eyecool::_<op>_backward) so that they get fake kernels too and work
+// under torch.compile.
+#include <torch/library.h>
+
+TORCH_LIBRARY(eyecool, m) {
+  // ROIAlign (torchvision's schema and semantics).
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+      "int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+      "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
+      "bool aligned) -> Tensor");
+  // The FPN pooler: each ROI pooled from the level its size selects, in one call.
+  m.def(
+      "multilevel_roi_align(Tensor[] features, Tensor rois, SymInt pooled_height, SymInt pooled_width, "
+      "float[] scales, int sampling_ratio, bool aligned, float canonical_box_size, int canonical_level) -> Tensor");
+  m.def(
+      "_multilevel_roi_align_backward(Tensor grad, Tensor rois, SymInt pooled_height, SymInt pooled_width, "
+      "float[] scales, int sampling_ratio, bool aligned, float canonical_box_size, int canonical_level, "
+      "SymInt batch_size, SymInt channels, SymInt[] heights, SymInt[] widths) -> Tensor[]");
+}

@@ -1,0 +1,4 @@
+"""The typed Python API of every eyecool op (``eyecool_ext.ops.<op>``), one module per op family."""
+from eyecool_ext.ops.roi_align import MultiLevelRoIAlign, RoIAlign, multilevel_roi_align, roi_align
+
+__all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign"]

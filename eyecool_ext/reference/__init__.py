@@ -1,0 +1,8 @@
+"""Plain PyTorch implementations of every eyecool op, with the same signatures as ``eyecool_ext.ops``.
+
+They are the oracle the kernels are tested against and the fallback when the compiled extension is missing.
+They favour clarity over speed and memory.
+"""
+from eyecool_ext.reference.roi_align import fpn_level_index, multilevel_roi_align, roi_align
+
+__all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index"]

@@ -1,0 +1,5 @@
+import sys
+
+from eyecool.cli import main
+
+sys.exit(main())

@@ -18,8 +18,9 @@ install: $(VENV)/.installed-package $(VENV)/.extension-built
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-requirements: requirements.txt | $(PY)
+$(VENV)/.installed-requirements: requirements.txt requirements-nodeps.txt | $(PY)
 	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # Writes the stamp only when the configuration differs, so make sees a change only then.

@@ -7,8 +7,8 @@ Switches (environment variables): FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST="8.0;9.0", 
 (-O0 -g), NVCC_FLAGS="extra nvcc flags". The resolved configuration is printed at build time.
 """
 import glob
+import importlib.util
 import os
-import shutil
 import site
 import sys
 
@@ -17,40 +17,19 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _load_cuda_home_module():
+    """eyecool_ext/_cuda_home.py, loaded by path: the package itself cannot be imported before it is built."""
+    spec = importlib.util.spec_from_file_location("_eyecool_cuda_home", os.path.join(ROOT, "eyecool_ext", "_cuda_home.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+find_cuda_home = _load_cuda_home_module().find_cuda_home
+
+
 def _env_flag(name):
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def find_cuda_home():
-    """The CUDA toolkit root, or None.
-
-    On these machines the ``nvcc`` on PATH is a wrapper script outside the toolkit, so torch's own guess
-    (the parent of ``which nvcc``) names a folder whose lib64 has no libcudart and the link fails with
-    ``cannot find -lcudart``. Prefer CUDA_HOME / CUDA_PATH, then /usr/local/cuda, and accept a candidate
-    only when it holds both bin/nvcc and lib64/libcudart.so.
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        candidates.append(os.path.dirname(os.path.dirname(real)))
-        # A wrapper script that execs the real nvcc: look for the path it names.
-        try:
-            with open(nvcc, "r", errors="ignore") as f:
-                for token in f.read().split():
-                    if token.endswith("/bin/nvcc"):
-                        candidates.append(os.path.dirname(os.path.dirname(token)))
-        except OSError:
-            pass
-    for root in candidates:
-        if not root:
-            continue
-        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
-            os.path.join(root, "lib64", "libcudart.so")
-        ):
-            return os.path.realpath(root)
-    return None
 
 
 def pip_cuda_include_dir(cuda_home):

@@ -60,11 +60,12 @@ EYECOOL_HD RoiGeometry<T> roi_geometry(T x1, T y1, T x2, T y2, T spatial_scale, 
   } else {
     const T gh = ceil(roi_h / static_cast<T>(pooled_h));
     const T gw = ceil(roi_w / static_cast<T>(pooled_w));
-    // NaN or negative extents give no samples; the cap keeps a huge box from looping for ever.
-    g.grid_h = (gh > (T)0) ? (gh < (T)1e6 ? static_cast<int64_t>(gh) : (int64_t)1000000) : 0;
-    g.grid_w = (gw > (T)0) ? (gw < (T)1e6 ? static_cast<int64_t>(gw) : (int64_t)1000000) : 0;
+    // NaN or negative extents give no samples. The cap only keeps the integer conversion defined; points
+    // off the map are skipped by sample_range, so even a capped grid costs no more than the map.
+    g.grid_h = (gh > (T)0) ? (gh < (T)1e9 ? static_cast<int64_t>(gh) : (int64_t)1000000000) : 0;
+    g.grid_w = (gw > (T)0) ? (gw < (T)1e9 ? static_cast<int64_t>(gw) : (int64_t)1000000000) : 0;
   }
-  const int64_t n = g.grid_h * g.grid_w;
+  const double n = static_cast<double>(g.grid_h) * static_cast<double>(g.grid_w);
   g.count = static_cast<T>(n > 1 ? n : 1);
   return g;
 }
@@ -77,6 +78,43 @@ EYECOOL_HD T sample_y(const RoiGeometry<T>& g, int64_t ph, int64_t iy) {
 template <typename T>
 EYECOOL_HD T sample_x(const RoiGeometry<T>& g, int64_t pw, int64_t ix) {
   return g.start_w + pw * g.bin_w + static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.grid_w);
+}
+
+// The sampling indices [lo, hi) along one axis that can land within [-1, size] (the only ones that
+// contribute). Points outside contribute exactly 0 but still count in the average, so skipping them changes
+// nothing, and it bounds the work of a huge box (an adaptive grid of 10^6 x 10^6 points) by the size of the map.
+// The range is widened by a margin that covers the rounding of the coordinates in T (relative error well under
+// 1e-6) plus two points, and every point is still checked, so no contributing sample can be dropped.
+struct SampleRange {
+  int64_t lo, hi;
+};
+
+template <typename T>
+EYECOOL_HD SampleRange sample_range(T start, T bin, int64_t grid, int64_t p, int64_t size) {
+  SampleRange r{0, grid};
+  if (grid <= 0) return {0, 0};
+  const double step = static_cast<double>(bin) / static_cast<double>(grid);
+  const double origin = static_cast<double>(start) + static_cast<double>(p) * static_cast<double>(bin);
+  // A NaN or infinite origin or step puts every point at NaN or +-inf: none is valid.
+  if (!(step < 1e300 && step > -1e300) || !(origin < 1e300 && origin > -1e300)) return {0, 0};
+  if (step == 0.0) return r;  // every point at the same coordinate (only with a small fixed grid)
+  // coordinate(i) = origin + (i + 0.5) * step, for i in [0, grid)
+  double a = (-1.0 - origin) / step - 0.5;
+  double b = (static_cast<double>(size) - origin) / step - 0.5;
+  if (a > b) {
+    const double t = a;
+    a = b;
+    b = t;
+  }
+  const double abs_step = step < 0 ? -step : step;
+  const double magnitude = (origin < 0 ? -origin : origin) + (bin < 0 ? -(double)bin : (double)bin) + size + 1.0;
+  const double margin = magnitude * 1e-6 / abs_step + 2.0;
+  const double lo = floor(a - margin), hi = ceil(b + margin) + 1.0;
+  if (lo > static_cast<double>(grid) || hi < 0.0) return {0, 0};
+  r.lo = lo > 0.0 ? static_cast<int64_t>(lo) : 0;
+  r.hi = hi < static_cast<double>(grid) ? static_cast<int64_t>(hi) : grid;
+  if (r.hi < r.lo) r.hi = r.lo;
+  return r;
 }
 
 // The four neighbours of a sampling point and their bilinear weights. A point more than one pixel outside

@@ -62,9 +62,11 @@ void forward_kernel(const std::vector<LevelView<scalar_t>>& levels, const LevelA
       for (int64_t ph = 0; ph < pooled_h; ++ph) {
         for (int64_t pw = 0; pw < pooled_w; ++pw) {
           std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+          const SampleRange ry = sample_range(g.start_h, g.bin_h, g.grid_h, ph, H);
+          for (int64_t iy = ry.lo; iy < ry.hi; ++iy) {
             const acc_t y = sample_y(g, ph, iy);
-            for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+            const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
+            for (int64_t ix = rx.lo; ix < rx.hi; ++ix) {
               const acc_t x = sample_x(g, pw, ix);
               const BilinearTaps<acc_t> t = bilinear_taps<acc_t>(H, W, y, x);
               if (!t.valid) continue;
@@ -112,9 +114,11 @@ void backward_kernel(const std::vector<LevelView<scalar_t>>& levels, const std::
       for (int64_t ph = 0; ph < pooled_h; ++ph) {
         for (int64_t pw = 0; pw < pooled_w; ++pw) {
           const scalar_t* go = grad_cl + ((k * pooled_h + ph) * pooled_w + pw) * channels;
-          for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+          const SampleRange ry = sample_range(g.start_h, g.bin_h, g.grid_h, ph, H);
+          for (int64_t iy = ry.lo; iy < ry.hi; ++iy) {
             const acc_t y = sample_y(g, ph, iy);
-            for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+            const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
+            for (int64_t ix = rx.lo; ix < rx.hi; ++ix) {
               const acc_t x = sample_x(g, pw, ix);
               const BilinearTaps<acc_t> t = bilinear_taps<acc_t>(H, W, y, x);
               if (!t.valid) continue;

@@ -95,6 +95,35 @@ def test_inverted_boxes_are_defined(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_large_boxes_skip_samples_off_the_map_exactly(device):
+    """Boxes far larger than the map: only on-map samples are visited, with torchvision's result."""
+    x = torch.randn(1, 3, 6, 7, device=device, requires_grad=True)
+    rois = torch.tensor([[0, -300.0, -250.0, 310.0, 280.0], [0, 2.0, -500.0, 5.0, 400.0]], device=device)
+    grad = torch.randn(2, 3, 2, 2, device=device)
+    out = ops.roi_align(x, rois, 2, 1.0, 0, True)
+    (g,) = torch.autograd.grad(out, x, grad)
+    xt = x.detach().clone().requires_grad_()
+    expected = torchvision.ops.roi_align(xt, rois, 2, 1.0, 0, True)
+    expected.backward(grad)
+    assert_close(out, expected)
+    assert_close(g, xt.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_huge_and_nan_boxes_finish_and_stay_finite(device):
+    """A 10^8-pixel box has an adaptive grid of ~10^7 x 10^7 points: still instant. NaN boxes pool to 0."""
+    x = torch.randn(1, 2, 8, 8, device=device, requires_grad=True)
+    nan = float("nan")
+    rois = torch.tensor([[0, -1e8, -1e8, 1e8, 1e8], [0, nan, 0.0, 4.0, 4.0], [0, 0.0, 0.0, float("inf"), 4.0]],
+                        device=device)
+    out = ops.roi_align(x, rois, 3, 1.0, 0, True)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("aligned", [False, True])
 def test_backward_matches_torchvision(device, layout, aligned):

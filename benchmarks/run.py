@@ -2,8 +2,8 @@
 
     python benchmarks/run.py [--ops roi_align deform_conv2d] [--device cpu|cuda] [--json FILE]
 
-Prints a markdown table (op, case, device, dtype, ours, peer, speedup = peer time / our time) and writes the
-rows as JSON when asked. ``--ops`` selects modules by name (``bench_<name>.py``) or rows by op name.
+Prints a markdown table (op, case, device, dtype, ours, peer, speedup = peer time / our time); with --json
+also writes the rows as JSON and a bar chart of the speedups beside it (FILE with .png). ``--ops`` selects modules by name (``bench_<name>.py``) or rows by op name.
 """
 from __future__ import annotations
 
@@ -29,6 +29,36 @@ def machine_description(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def plot_speedups(rows, path: str, title: str) -> None:
+    """Horizontal bar chart of the speedups (peer time / our time), with the break-even line at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = [r for r in rows if r.get("speedup")]
+    if not rows:
+        return
+    labels = [f"{r['op']}: {r['case']} vs {r['peer']}" for r in rows]
+    values = [r["speedup"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
+    bars = ax.barh(range(len(rows)), values, color=["#2b8a3e" if v >= 1 else "#c92a2a" for v in values])
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("speedup (peer time / eyecool time, log scale)")
+    ax.set_title(title, fontsize=10)
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.2f}x", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -57,7 +87,9 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"machine": machine_description(args.device), "rows": rows}, f, indent=1)
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        chart = os.path.splitext(args.json)[0] + ".png"
+        plot_speedups(rows, chart, f"eyecool ops vs peers on {machine_description(args.device)}")
+        print(f"\nwrote {args.json} and {chart}", file=sys.stderr)
     return 0
 
 

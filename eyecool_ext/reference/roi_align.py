@@ -62,13 +62,18 @@ def _roi_geometry(rois: Tensor, spatial_scale, pooled_h: int, pooled_w: int, sam
     return start_h, start_w, bin_h, bin_w, grid_h, grid_w
 
 
+def _zeros_on_graph(input: Tensor, shape) -> Tensor:
+    """Zeros that still depend on ``input`` in autograd (so a backward through them gives zero gradients)."""
+    return input.new_zeros(shape) + input.narrow(0, 0, 0).sum()
+
+
 def _roi_align_rois(input: Tensor, rois: Tensor, spatial_scale, pooled_h: int, pooled_w: int,
                     sampling_ratio: int, aligned: bool) -> Tensor:
     n_img, channels, height, width = input.shape
     acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
     k = rois.size(0)
     if k == 0:
-        return input.new_zeros((0, channels, pooled_h, pooled_w))
+        return _zeros_on_graph(input, (0, channels, pooled_h, pooled_w))
     x = input.to(acc)
     r = rois.to(acc)
     start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_geometry(r, spatial_scale, pooled_h, pooled_w,
@@ -76,7 +81,7 @@ def _roi_align_rois(input: Tensor, rois: Tensor, spatial_scale, pooled_h: int, p
     max_gh = int(grid_h.max().item())
     max_gw = int(grid_w.max().item())
     if max_gh == 0 or max_gw == 0:
-        return input.new_zeros((k, channels, pooled_h, pooled_w))
+        return _zeros_on_graph(input, (k, channels, pooled_h, pooled_w))
     yl, yh, wyl, wyh, iny = _axis_taps(start_h, bin_h, grid_h, pooled_h, max_gh, height)  # [K, ph, gh]
     xl, xh, wxl, wxh, inx = _axis_taps(start_w, bin_w, grid_w, pooled_w, max_gw, width)  # [K, pw, gw]
     batch = r[:, 0].to(torch.long)

@@ -100,6 +100,8 @@ def test_coco_categories_file_is_the_panoptic_label_space():
 def test_reader_on_coco_categories_keeps_dataset_ids(coco_splits):
     dataset = CocoPanopticDataset(*coco_splits["train"])
     assert (dataset.num_stuff, dataset.num_things) == (53, 80)
+    assert dataset.meta == DatasetMeta.from_json_file(coco_splits["train"].json_file)
+    assert dataset.stuff_ids == DatasetMeta.from_categories(load_coco_categories()).stuff_ids
     with open(coco_splits["train"].json_file) as f:
         annotations = json.load(f)["annotations"]
     for index in range(len(dataset)):

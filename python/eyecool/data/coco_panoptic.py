@@ -83,6 +83,14 @@ class DatasetMeta:
     def from_categories(cls, categories: Sequence[Dict[str, Any]]) -> "DatasetMeta":
         return cls(tuple(dict(c) for c in categories))
 
+    @classmethod
+    def from_json_file(cls, json_file: str) -> "DatasetMeta":
+        """The categories of a ``panoptic_<split>.json`` (or of a bare categories list such as
+        coco_panoptic_categories.json)."""
+        with open(json_file) as f:
+            data = json.load(f)
+        return cls.from_categories(data["categories"] if isinstance(data, dict) else data)
+
     def to_categories(self) -> List[Dict[str, Any]]:
         return [dict(c) for c in self.categories]
 

@@ -127,7 +127,8 @@ def _smooth_noise(rng: np.random.Generator, count: int, height: int, width: int,
 
 
 def _rotated(xx: np.ndarray, yy: np.ndarray, angle: float) -> Tuple[np.ndarray, np.ndarray]:
-    c, s = np.cos(angle), np.sin(angle)
+    # Python floats keep float32 arrays float32 (numpy scalars would promote them to float64).
+    c, s = float(np.cos(angle)), float(np.sin(angle))
     return xx * c + yy * s, -xx * s + yy * c
 
 
@@ -226,7 +227,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int, space: Label
     segment_of_region = np.full(num_regions, -1, dtype=np.int32)
     for r in np.flatnonzero(counts):
         stuff = space.stuff[int(region_classes[r])]
-        low[r], high[r] = (np.asarray(c, dtype=np.float32) + rng.uniform(-30, 30, size=3) for c in stuff.palette)
+        low[r], high[r] = (np.asarray(c) + rng.uniform(-30, 30, size=3) for c in stuff.palette)
         textures[r] = _texture(rng, stuff.texture, xx, yy, scale)
         segment_of_region[r] = len(segments)
         segments.append((stuff.category_id, 0))

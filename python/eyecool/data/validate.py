@@ -8,7 +8,6 @@ duplicated ids, unknown categories, ``area`` different from the PNG's pixel coun
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import List, Optional
 

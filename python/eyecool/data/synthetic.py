@@ -204,7 +204,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int, space: Label
     side = min(height, width)
     scale = side / 256.0
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-    # owner[y, x] will index `segments` (-1 = void); segments hold (category_id, iscrowd).
+    # Segments hold (category_id, iscrowd); owner[y, x] (built below) indexes them, -1 = void.
     segments: List[Tuple[int, int]] = []
 
     # Stuff: argmax of smooth random fields (a coarse and a finer scale) gives irregular blobs; blobs under 2%
@@ -237,7 +237,6 @@ def render_scene(rng: np.random.Generator, height: int, width: int, space: Label
 
     # Crowd: a cluster of small shapes of one thing class, annotated as one iscrowd=1 segment.
     crowd_index = -1
-    crowd_area = 0
     if rng.random() < 0.35:
         thing = space.things[int(rng.integers(len(space.things)))]
         centre = rng.uniform(0.15, 0.85, size=2) * (height, width)
@@ -250,7 +249,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int, space: Label
             crop, mask, u, v = drawn
             _paint_solid(rng, image, crop, mask, u, v)
             owner[crop[0]:crop[1], crop[2]:crop[3]][mask] = crowd_index
-            crowd_area += int(mask.sum())
+        crowd_area = int((owner == crowd_index).sum())  # the small shapes may overlap
         if crowd_area:
             segments.append((thing.category_id, 1))
         else:

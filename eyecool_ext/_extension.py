@@ -55,12 +55,28 @@ def load_error() -> Exception | None:
     return _load_error
 
 
-def use_compiled(*tensors: torch.Tensor) -> bool:
-    """True when the compiled kernels can run on the devices of ``tensors``; else the reference runs.
+def has_op(name: str) -> bool:
+    """Whether the loaded extension registers ``torch.ops.eyecool.<name>`` (an older build may not)."""
+    if _C is None:
+        return False
+    try:
+        getattr(torch.ops.eyecool, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
-    A CPU-only build given CUDA tensors warns once and falls back instead of failing in the dispatcher.
+
+def use_compiled(op_name: str, *tensors: torch.Tensor) -> bool:
+    """True when the compiled kernel of ``op_name`` can run on the devices of ``tensors``; else the reference runs.
+
+    A CPU-only build given CUDA tensors, or a build older than the op, warns once and falls back instead of
+    failing in the dispatcher.
     """
     if _C is None:
+        return False
+    if not has_op(op_name):
+        _warn_once(f"op:{op_name}", f"eyecool_ext: this build has no kernel for {op_name}; using the reference "
+                   f"implementation. {_REBUILD_HINT}")
         return False
     for t in tensors:
         if t.device.type == "cuda" and not compiled_with_cuda():

@@ -45,7 +45,7 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Tuple[int
     pooled_h, pooled_w = pair(output_size, "output_size")
     rois = boxes_to_rois(boxes, input)
     _check_same_device(input, rois, "input")
-    if not _extension.use_compiled(input, rois):
+    if not _extension.use_compiled("roi_align", input, rois):
         return reference.roi_align(input, rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned)
     return torch.ops.eyecool.roi_align(input, rois, float(spatial_scale), pooled_h, pooled_w, int(sampling_ratio),
                                        bool(aligned))
@@ -78,7 +78,7 @@ def multilevel_roi_align(features: List[Tensor], boxes: BoxesLike, output_size: 
     pyramid_levels(scales)  # ValueError unless the scales are consecutive powers of 2
     rois = boxes_to_rois(boxes, features[0])
     _check_same_device(features[0], rois, "features")
-    if not _extension.use_compiled(features[0], rois):
+    if not _extension.use_compiled("multilevel_roi_align", features[0], rois):
         return reference.multilevel_roi_align(features, rois, (pooled_h, pooled_w), scales, sampling_ratio, aligned,
                                               canonical_box_size, canonical_level)
     return torch.ops.eyecool.multilevel_roi_align(features, rois, pooled_h, pooled_w, scales, int(sampling_ratio),

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 # subcommand -> module that defines it (imported only when the command line is built).
 COMMANDS = {
+    "pq": "eyecool.evaluation.cli",
 }
 
 

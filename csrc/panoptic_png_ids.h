@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "common.h"
 
@@ -33,6 +34,9 @@ EYECOOL_HD int32_t rgb_to_segment_id(uint8_t r, uint8_t g, uint8_t b) {
 // Average and Paeth then carry no store-to-load dependency from one pixel to the next. Paeth has a shortcut
 // for the flat regions that make up panoptic PNGs: with a zero residual and the upper pixel equal to the
 // upper-left one (b == c, so |p - a| = 0), the prediction is the left pixel, exactly.
+// 32 zero bytes: the reference the flat-span test compares residuals against.
+constexpr uint8_t kZeros[32] = {};
+
 template <int BPP>
 inline bool unfilter_row(const uint8_t* filtered, const uint8_t* prior, uint8_t* row, int64_t length, int filter) {
   uint8_t left[BPP];
@@ -60,6 +64,17 @@ inline bool unfilter_row(const uint8_t* filtered, const uint8_t* prior, uint8_t*
     case 4:  // Paeth (the left and upper-left bytes of the first pixel are 0, so it predicts the upper byte)
       for (int k = 0; k < BPP; ++k) row[k] = left[k] = static_cast<uint8_t>(filtered[k] + prior[k]);
       for (int64_t i = BPP; i < length; i += BPP) {
+        // Whole flat spans of kSpan pixels at once: zero residuals, and the upper row equal to itself shifted
+        // by one pixel, checked with memcmp, which compiles to a few wide compares.
+        constexpr int64_t kSpan = 8 * BPP;
+        while (i + kSpan <= length && std::memcmp(filtered + i, kZeros, kSpan) == 0 &&
+               std::memcmp(prior + i, prior + i - BPP, kSpan) == 0) {
+          for (int64_t j = 0; j < kSpan; j += BPP) {
+            for (int k = 0; k < BPP; ++k) row[i + j + k] = left[k];
+          }
+          i += kSpan;
+        }
+        if (i >= length) break;
         bool flat = true;
         for (int k = 0; k < BPP; ++k) flat &= (filtered[i + k] == 0) & (prior[i + k] == prior[i + k - BPP]);
         if (!flat) {

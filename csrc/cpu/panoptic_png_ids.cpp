@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -11,6 +12,12 @@
 
 namespace eyecool {
 namespace {
+
+bool row_is_zero(const uint8_t* bytes, int64_t length) {
+  uint8_t any = 0;
+  for (int64_t i = 0; i < length; ++i) any |= bytes[i];  // vectorised; no early exit needed at row length
+  return any == 0;
+}
 
 template <int BPP>
 void decode_rows(const uint8_t* src, int64_t height, int64_t width, int32_t* out) {
@@ -20,9 +27,14 @@ void decode_rows(const uint8_t* src, int64_t height, int64_t width, int32_t* out
   uint8_t* current = rows.data() + length;
   for (int64_t y = 0; y < height; ++y) {
     const uint8_t* line = src + y * stride;
+    int32_t* out_row = out + y * width;
+    // An Up row with zero residuals repeats the row above (most rows of a panoptic PNG): copy its ids.
+    if (y > 0 && line[0] == 2 && row_is_zero(line + 1, length)) {
+      std::memcpy(out_row, out_row - width, width * sizeof(int32_t));
+      continue;
+    }
     TORCH_CHECK(unfilter_row<BPP>(line + 1, prior, current, length, line[0]), "panoptic_png_ids: row ", y,
                 " has unknown filter type ", static_cast<int>(line[0]));
-    int32_t* out_row = out + y * width;
     for (int64_t x = 0; x < width; ++x) {
       const uint8_t* px = current + x * BPP;
       out_row[x] = rgb_to_segment_id(px[0], px[1], px[2]);

@@ -1,16 +1,20 @@
 """Decoding COCO panoptic PNGs straight into segment-id maps, the I/O half of panoptic quality.
 
 ``decode_panoptic_png(data)`` parses the PNG chunks, inflates the image data with the fastest zlib at hand
-(zlib-ng through ``imagecodecs`` when installed, about 5x faster than the standard library's zlib here), and
-unfilters the scanlines into ids in one C++ pass (``torch.ops.eyecool.panoptic_png_ids``). Both steps release
-the GIL, so a thread pool decodes several PNGs at once. It covers what panoptic PNGs are (8-bit RGB or RGBA,
-not interlaced) and raises ``UnsupportedPNG`` for anything else, so that callers can fall back to PIL.
+(zlib-ng through ``imagecodecs`` when installed, several times faster than the standard library's zlib on
+panoptic PNGs), and unfilters the scanlines into ids in one C++ pass (``torch.ops.eyecool.panoptic_png_ids``).
+Both steps release the GIL, so a thread pool decodes several PNGs at once. It covers what panoptic PNGs are
+(8-bit RGB or RGBA, not interlaced) and raises ``UnsupportedPNG`` for anything else, so that callers can fall
+back to PIL. Without the compiled kernel it decodes with PIL itself (the reference unfilter is an oracle for
+small images, far too slow for whole ones).
 """
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +74,14 @@ def panoptic_png_ids(scanlines: Tensor, height: int, width: int, channels: int) 
     return torch.ops.eyecool.panoptic_png_ids(scanlines, height, width, channels)
 
 
+def _decode_with_pil(data: bytes) -> Tensor:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.int32)
+    return torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2])
+
+
 def decode_panoptic_png(data: bytes) -> Tensor:
     """The bytes of a panoptic PNG -> ``int32 Tensor[H, W]`` segment ids (``R + 256 G + 256^2 B``).
 
@@ -97,6 +109,9 @@ def decode_panoptic_png(data: bytes) -> Tensor:
         raise UnsupportedPNG(f"bit depth {bit_depth}, colour type {colour_type}, interlace {interlace}: only 8-bit "
                              f"non-interlaced RGB or RGBA is decoded here")
     channels = _CHANNELS[colour_type]
+    if not _extension.use_compiled("panoptic_png_ids"):
+        # The reference unfilter loops over pixels in Python: PIL is the faster fallback for whole images.
+        return _decode_with_pil(data)
     if width == 0 or height == 0:
         return torch.zeros((height, width), dtype=torch.int32)
     raw = _inflate(b"".join(idat) if len(idat) > 1 else idat[0], height * (1 + width * channels))

@@ -1,6 +1,8 @@
 """panoptic_png_ids / decode_panoptic_png: every PNG filter type against a numpy encoder, and whole PNGs
 against PIL."""
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,3 +100,21 @@ def test_bad_input_messages():
 def test_opcheck():
     scanlines = filter_scanlines(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3), [1, 4])
     torch.library.opcheck(torch.ops.eyecool.panoptic_png_ids.default, (scanlines, 2, 3, 3))
+
+
+def test_decoding_without_the_compiled_extension():
+    """With _C unimportable, decode_panoptic_png decodes with PIL and gives the same ids."""
+    code = (
+        "import sys, io, warnings; sys.modules['eyecool_ext._C'] = None\n"
+        "warnings.simplefilter('ignore')\n"
+        "import numpy as np; from PIL import Image; import eyecool_ext\n"
+        "assert not eyecool_ext.compiled()\n"
+        "ids = np.arange(12 * 9).reshape(12, 9) * 1234567 % 2**24\n"
+        "rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)\n"
+        "buf = io.BytesIO(); Image.fromarray(rgb).save(buf, format='PNG')\n"
+        "assert np.array_equal(eyecool_ext.ops.decode_panoptic_png(buf.getvalue()).numpy(), ids)\n"
+        "print('fallback ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "fallback ok" in res.stdout

@@ -84,3 +84,28 @@ def test_distributed_ranks_gather_their_images(dataset, monkeypatch):
     monkeypatch.setattr(evaluator_module.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(evaluator_module.dist, "all_gather_object", all_gather_object)
     assert_same(ranks[1].summarize(), expected)
+
+
+def _distributed_worker(rank, world_size, init_file, gt_json, gt_dir, pairs, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        evaluator = PanopticEvaluator(gt_json, gt_dir, verbose=False)
+        for _, pred in pairs[rank::world_size]:
+            evaluator.update(pred["image_id"], torch.from_numpy(pred["ids"]), pred["segments_info"])
+        results = evaluator.summarize()
+        if rank == 0:
+            torch.save(results, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_with_gloo(dataset, tmp_path):
+    """Two real processes (gloo): every rank evaluates half the images; rank 0 gets the full result."""
+    pairs, gt_json, gt_dir, expected = dataset
+    result_file = str(tmp_path / "results.pt")
+    torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), gt_json, gt_dir, pairs,
+                                                           result_file), nprocs=2, join=True)
+    assert_same(torch.load(result_file, weights_only=False), expected)

@@ -21,4 +21,11 @@ TORCH_LIBRARY(eyecool, m) {
       "_multilevel_roi_align_backward(Tensor grad, Tensor rois, SymInt pooled_height, SymInt pooled_width, "
       "float[] scales, int sampling_ratio, bool aligned, float canonical_box_size, int canonical_level, "
       "SymInt batch_size, SymInt channels, SymInt[] heights, SymInt[] widths) -> Tensor[]");
+  // Panoptic quality's inner loop: for [B, H, W] gt and pred id maps, every distinct (image, gt_id, pred_id)
+  // triple and its pixel count, sorted by (image, gt_id, pred_id): (image_index, gt_id, pred_id, count), all
+  // int64 of one data-dependent length P.
+  m.def("pq_pair_counts(Tensor gt_ids, Tensor pred_ids) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Panoptic PNG decoding after inflation: the scanlines (filter byte + row bytes, per row) of an 8-bit RGB or
+  // RGBA PNG -> int32 [height, width] segment ids R + 256 G + 256^2 B. CPU only.
+  m.def("panoptic_png_ids(Tensor scanlines, SymInt height, SymInt width, int channels) -> Tensor");
 }

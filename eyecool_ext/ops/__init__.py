@@ -1,4 +1,7 @@
 """The typed Python API of every eyecool op (``eyecool_ext.ops.<op>``), one module per op family."""
+from eyecool_ext.ops.panoptic_png import UnsupportedPNG, decode_panoptic_png, panoptic_png_ids
+from eyecool_ext.ops.pq_pair_counts import batched_pq_pair_counts, pq_pair_counts
 from eyecool_ext.ops.roi_align import MultiLevelRoIAlign, RoIAlign, multilevel_roi_align, roi_align
 
-__all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign"]
+__all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign", "pq_pair_counts",
+           "batched_pq_pair_counts", "panoptic_png_ids", "decode_panoptic_png", "UnsupportedPNG"]

@@ -3,6 +3,9 @@
 They are the oracle the kernels are tested against and the fallback when the compiled extension is missing.
 They favour clarity over speed and memory.
 """
+from eyecool_ext.reference.panoptic_png_ids import panoptic_png_ids
+from eyecool_ext.reference.pq_pair_counts import batched_pq_pair_counts, pq_pair_counts
 from eyecool_ext.reference.roi_align import fpn_level_index, multilevel_roi_align, roi_align
 
-__all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index"]
+__all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index", "pq_pair_counts", "batched_pq_pair_counts",
+           "panoptic_png_ids"]

@@ -12,6 +12,7 @@ from typing import List, Optional
 COMMANDS = {
     "synth": "eyecool.data.synthetic",
     "validate-data": "eyecool.data.validate",
+    "pq": "eyecool.evaluation.cli",
 }
 
 

@@ -41,6 +41,99 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_item));
 }
 
+// ---- the hot channel loops ----
+// The extension is compiled for the baseline x86-64 ISA; these loops are cloned for AVX2+FMA and AVX-512 and the
+// best clone is picked when the library loads (function multi-versioning), so they run at full vector width
+// without a machine-specific build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define EYECOOL_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EYECOOL_VECTOR_CLONES
+#endif
+
+// Independent partial sums per lane let the compiler vectorise a dot product without reassociating it (which
+// it may not do under IEEE rules); the lanes are added in a fixed order, so the result does not depend on the ISA
+// beyond FMA contraction.
+constexpr int kLanes = 16;
+
+template <typename T>
+__attribute__((always_inline)) inline void blend4_body(T* __restrict__ dest, const T* __restrict__ p1,
+                                                       const T* __restrict__ p2, const T* __restrict__ p3,
+                                                       const T* __restrict__ p4, T w1, T w2, T w3, T w4, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dest[c] = w1 * p1[c] + w2 * p2[c] + w3 * p3[c] + w4 * p4[c];
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void dot4_body(const T* __restrict__ g, const T* __restrict__ v1,
+                                                     const T* __restrict__ v2, const T* __restrict__ v3,
+                                                     const T* __restrict__ v4, int64_t n, T* __restrict__ sums) {
+  T a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {}, a4[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const T gl = g[c + l];
+      a1[l] += gl * v1[c + l];
+      a2[l] += gl * v2[c + l];
+      a3[l] += gl * v3[c + l];
+      a4[l] += gl * v4[c + l];
+    }
+  }
+  T s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    s1 += a1[l];
+    s2 += a2[l];
+    s3 += a3[l];
+    s4 += a4[l];
+  }
+  for (; c < n; ++c) {
+    s1 += g[c] * v1[c];
+    s2 += g[c] * v2[c];
+    s3 += g[c] * v3[c];
+    s4 += g[c] * v4[c];
+  }
+  sums[0] = s1;
+  sums[1] = s2;
+  sums[2] = s3;
+  sums[3] = s4;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void axpy_body(T* __restrict__ dst, T a, const T* __restrict__ x, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] += a * x[c];
+}
+
+}  // namespace
+
+// Outside the anonymous namespace: the load-time resolver of a cloned function needs external linkage.
+namespace deform_cpu_loops {
+// dest[c] = w1 p1[c] + w2 p2[c] + w3 p3[c] + w4 p4[c]
+EYECOOL_VECTOR_CLONES void blend4(float* dest, const float* p1, const float* p2, const float* p3, const float* p4,
+                                  float w1, float w2, float w3, float w4, int64_t n) {
+  blend4_body(dest, p1, p2, p3, p4, w1, w2, w3, w4, n);
+}
+EYECOOL_VECTOR_CLONES void blend4(double* dest, const double* p1, const double* p2, const double* p3,
+                                  const double* p4, double w1, double w2, double w3, double w4, int64_t n) {
+  blend4_body(dest, p1, p2, p3, p4, w1, w2, w3, w4, n);
+}
+// sums[i] = sum_c g[c] v_i[c]
+EYECOOL_VECTOR_CLONES void dot4(const float* g, const float* v1, const float* v2, const float* v3, const float* v4,
+                                int64_t n, float* sums) {
+  dot4_body(g, v1, v2, v3, v4, n, sums);
+}
+EYECOOL_VECTOR_CLONES void dot4(const double* g, const double* v1, const double* v2, const double* v3,
+                                const double* v4, int64_t n, double* sums) {
+  dot4_body(g, v1, v2, v3, v4, n, sums);
+}
+// dst[c] += a x[c]
+EYECOOL_VECTOR_CLONES void axpy(float* dst, float a, const float* x, int64_t n) { axpy_body(dst, a, x, n); }
+EYECOOL_VECTOR_CLONES void axpy(double* dst, double a, const double* x, int64_t n) { axpy_body(dst, a, x, n); }
+}  // namespace deform_cpu_loops
+
+namespace {
+using deform_cpu_loops::axpy;
+using deform_cpu_loops::blend4;
+using deform_cpu_loops::dot4;
+
 // Raw pointers of one call's sampling inputs.
 template <typename scalar_t>
 struct SamplingView {
@@ -75,7 +168,7 @@ ModulatedTaps<scalar_t> sample(const DeformConv2dShape& s, const SamplingView<sc
 
 // dest[c] = sum_i w_i * tap_i[c] for `count` contiguous channels; a sample wholly outside the image is 0.
 template <typename scalar_t>
-inline void write_sample(scalar_t* __restrict__ dest, const scalar_t* image_n, const DeformConv2dShape& s,
+inline void write_sample(scalar_t* dest, const scalar_t* image_n, const DeformConv2dShape& s,
                          const ModulatedTaps<scalar_t>& mt, int64_t c0, int64_t count) {
   const DeformTaps<scalar_t>& t = mt.taps;
   if (!t.any) {
@@ -83,13 +176,10 @@ inline void write_sample(scalar_t* __restrict__ dest, const scalar_t* image_n, c
     return;
   }
   const int64_t C = s.in_channels, W = s.width;
-  const scalar_t* __restrict__ p1 = image_n + (t.y_low * W + t.x_low) * C + c0;
-  const scalar_t* __restrict__ p2 = image_n + (t.y_low * W + t.x_high) * C + c0;
-  const scalar_t* __restrict__ p3 = image_n + (t.y_high * W + t.x_low) * C + c0;
-  const scalar_t* __restrict__ p4 = image_n + (t.y_high * W + t.x_high) * C + c0;
   const scalar_t m = mt.modulation;
-  const scalar_t w1 = m * t.w1, w2 = m * t.w2, w3 = m * t.w3, w4 = m * t.w4;
-  for (int64_t c = 0; c < count; ++c) dest[c] = w1 * p1[c] + w2 * p2[c] + w3 * p3[c] + w4 * p4[c];
+  blend4(dest, image_n + (t.y_low * W + t.x_low) * C + c0, image_n + (t.y_low * W + t.x_high) * C + c0,
+         image_n + (t.y_high * W + t.x_low) * C + c0, image_n + (t.y_high * W + t.x_high) * C + c0, m * t.w1,
+         m * t.w2, m * t.w3, m * t.w4, count);
 }
 
 // Pixels per tile so that a tile's columns (row_elements values per pixel) take about kTileBytes.
@@ -240,24 +330,15 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
               const ModulatedTaps<scalar_t>& mt = samples[p * taps + k];
               const DeformTaps<scalar_t>& t = mt.taps;
               if (!t.any) continue;  // the partial gradients stay 0
-              const scalar_t* __restrict__ gc = grad_cols_data + p * row + k * width;
+              const scalar_t* gc = grad_cols_data + p * row + k * width;
               const int64_t i1 = (t.y_low * W + t.x_low) * C + block.c0;
               const int64_t i2 = (t.y_low * W + t.x_high) * C + block.c0;
               const int64_t i3 = (t.y_high * W + t.x_low) * C + block.c0;
               const int64_t i4 = (t.y_high * W + t.x_high) * C + block.c0;
-              const scalar_t* __restrict__ v1 = image_n + i1;
-              const scalar_t* __restrict__ v2 = image_n + i2;
-              const scalar_t* __restrict__ v3 = image_n + i3;
-              const scalar_t* __restrict__ v4 = image_n + i4;
               // Channel sums sum_c gc[c] * tap_i[c]: the value and coordinate gradients are linear in the taps.
-              scalar_t s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-              for (int64_t c = 0; c < width; ++c) {
-                const scalar_t g = gc[c];
-                s1 += g * v1[c];
-                s2 += g * v2[c];
-                s3 += g * v3[c];
-                s4 += g * v4[c];
-              }
+              scalar_t sums[4];
+              dot4(gc, image_n + i1, image_n + i2, image_n + i3, image_n + i4, width, sums);
+              const scalar_t s1 = sums[0], s2 = sums[1], s3 = sums[2], s4 = sums[3];
               const scalar_t m = mt.modulation;
               scalar_t grad_y, grad_x;
               deform_coordinate_gradient(t, s1, s2, s3, s4, &grad_y, &grad_x);
@@ -271,9 +352,7 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
               const int64_t idx[4] = {i1, i2, i3, i4};
               for (int q = 0; q < 4; ++q) {
                 if (!in[q]) continue;
-                scalar_t* __restrict__ dst = grad_in_n + idx[q];
-                const scalar_t wq = ws[q];
-                for (int64_t c = 0; c < width; ++c) dst[c] += wq * gc[c];
+                axpy(grad_in_n + idx[q], ws[q], gc, width);
               }
             }
           }

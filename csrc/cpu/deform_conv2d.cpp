@@ -27,8 +27,9 @@
 namespace eyecool {
 namespace {
 
-// Column tiles of about this many bytes stay in the per-core L2 cache between the sampling and the GEMM.
-constexpr int64_t kTileBytes = 512 * 1024;
+// Column tiles of about a core's L2 cache: the GEMM packs the weight once per tile, so larger tiles amortise
+// that over more pixels, while smaller ones keep the freshly sampled columns in cache for the GEMM.
+constexpr int64_t kTileBytes = 1024 * 1024;
 constexpr int64_t kMinTilePixels = 16;
 constexpr int64_t kMaxTilePixels = 256;
 // Channel blocks of the backward: at most 64 channels (kh * kw * 64 GEMM columns), and at least 32 unless the

@@ -28,4 +28,13 @@ TORCH_LIBRARY(eyecool, m) {
   // Panoptic PNG decoding after inflation: the scanlines (filter byte + row bytes, per row) of an 8-bit RGB or
   // RGBA PNG -> int32 [height, width] segment ids R + 256 G + 256^2 B. CPU only.
   m.def("panoptic_png_ids(Tensor scanlines, SymInt height, SymInt width, int channels) -> Tensor");
+  // Deformable convolution, DCN v1 (mask None) and modulated v2; torchvision's semantics with the weight groups
+  // and offset groups inferred from the shapes. The backward returns (grad_input, grad_offset, grad_weight,
+  // grad_mask, grad_bias); grad_mask is an empty [0] tensor when mask is None.
+  m.def(
+      "deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? mask, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

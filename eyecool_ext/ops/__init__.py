@@ -5,3 +5,7 @@ from eyecool_ext.ops.roi_align import MultiLevelRoIAlign, RoIAlign, multilevel_r
 
 __all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign", "pq_pair_counts",
            "batched_pq_pair_counts", "panoptic_png_ids", "decode_panoptic_png", "UnsupportedPNG"]
+from eyecool_ext.ops.deform_conv2d import DeformConv2d, deform_conv2d
+from eyecool_ext.ops.roi_align import MultiLevelRoIAlign, RoIAlign, multilevel_roi_align, roi_align
+
+__all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign", "deform_conv2d", "DeformConv2d"]

@@ -9,3 +9,7 @@ from eyecool_ext.reference.roi_align import fpn_level_index, multilevel_roi_alig
 
 __all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index", "pq_pair_counts", "batched_pq_pair_counts",
            "panoptic_png_ids"]
+from eyecool_ext.reference.deform_conv2d import deform_conv2d
+from eyecool_ext.reference.roi_align import fpn_level_index, multilevel_roi_align, roi_align
+
+__all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index", "deform_conv2d"]

@@ -23,12 +23,13 @@ using std::exp;
 // exp(x) for the x <= 0 of the softmax (x - max). On the GPU it is the CUDA library's exp. On the host, float
 // uses a branch-free polynomial (Cephes' expf: range reduction by ln 2, degree-6 polynomial, relative error
 // below 2e-7) because the library's expf is a call that the compiler cannot vectorise without -ffast-math, and
-// the softmax loops are bound by it. Inputs below -87.3 return about 1e-38 instead of a denormal or 0.
+// the softmax loops are bound by it. Inputs below -87.3 (where expf turns denormal) return 0.
 EYECOOL_HD float exp_nonpositive(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
 #else
-  x = x < -87.33654f ? -87.33654f : x;
+  const bool underflow = x < -87.33654f;
+  x = underflow ? -87.33654f : x;
   x = x > 0.f ? 0.f : x;
   // Round x / ln 2 to the nearest integer n with the 1.5 * 2^23 trick (n ends up in the low mantissa bits).
   const float shifter = 12582912.f;
@@ -48,7 +49,7 @@ EYECOOL_HD float exp_nonpositive(float x) {
   const int32_t scale_bits = (t_bits - shifter_bits + 127) << 23;  // 2^n
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
-  return p * scale;
+  return underflow ? 0.f : p * scale;
 #endif
 }
 

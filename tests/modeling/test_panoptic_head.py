@@ -50,9 +50,9 @@ def test_paste_mask_logits_inside_box_only():
     pasted = paste_mask_logits(logits, torch.tensor([[2.0, 1.0, 6.0, 3.0]]), 4, 8)[0]
     assert torch.all(pasted[:, :2] == 0) and torch.all(pasted[:, 6:] == 0) and torch.all(pasted[3] == 0)
     assert torch.all(pasted[0] == 0)
-    # Box pixel centres x = 2.5..5.5 over a 2-wide mask: sampled at mask x = -0.25, 0.25, 0.75, 1.25 (border clamp).
-    assert torch.allclose(pasted[1, 2:6], torch.tensor([0.0, 0.25, 0.75, 1.0]) + 0.0)
-    assert torch.allclose(pasted[2, 2:6], torch.tensor([2.0, 2.25, 2.75, 3.0]))
+    # Box pixel centres x = 2.5..5.5 over a 2-wide mask: sampled at mask x = -0.25, 0.25, 0.75, 1.25 (zero padding).
+    assert torch.allclose(pasted[1, 2:6], torch.tensor([0.0, 0.25, 0.75, 0.75]))
+    assert torch.allclose(pasted[2, 2:6], torch.tensor([1.5, 2.25, 2.75, 2.25]))
 
 
 def test_panoptic_logits_stack_formula():

@@ -19,7 +19,9 @@ def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, height: int, width: in
     """Resample ``[M, s, s]`` mask logits bilinearly into their boxes on an ``height x width`` grid, 0 outside.
 
     boxes ``[M, 4]`` xyxy in the grid's pixel units; a pixel (y, x) is inside when its centre (x + 0.5,
-    y + 0.5) lies in ``[x1, x2) x [y1, y2)``. Returns ``[M, height, width]``.
+    y + 0.5) lies in ``[x1, x2) x [y1, y2)``, and samples the mask at the centre's relative position in the box
+    (bilinear, zero padding, align_corners=False): the convention of the inference merge, so that training and
+    inference see the same logits. Returns ``[M, height, width]``.
     """
     m = mask_logits.shape[0]
     if m == 0:
@@ -32,7 +34,7 @@ def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, height: int, width: in
     gy = 2.0 * (ys.view(1, -1) - y1) / (y2 - y1).clamp(min=1e-6) - 1.0  # [M, H]
     grid = torch.stack([gx.view(m, 1, width).expand(m, height, width),
                         gy.view(m, height, 1).expand(m, height, width)], dim=-1)
-    pasted = F.grid_sample(mask_logits.float().unsqueeze(1), grid, mode="bilinear", padding_mode="border",
+    pasted = F.grid_sample(mask_logits.float().unsqueeze(1), grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False).squeeze(1)
     return pasted * box_masks(boxes, height, width)
 

@@ -106,7 +106,7 @@ def test_a_few_iterations_lower_the_loss(batch):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        totals.append(float(loss))
+        totals.append(loss.item())
     assert sum(totals[-3:]) / 3 < 0.8 * sum(totals[:3]) / 3, totals
 
 

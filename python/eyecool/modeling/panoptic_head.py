@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eyecool.modeling.panoptic_inference import panoptic_inference
+
 
 def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
     """Resample ``[M, s, s]`` mask logits bilinearly into their boxes on an ``height x width`` grid, 0 outside.
@@ -182,10 +184,9 @@ class PanopticHead(nn.Module):
 
     @torch.no_grad()
     def inference(self, sem_logits: Tensor, detections: Dict[str, Tensor], output_size: Tuple[int, int]):
-        """One image: sem_logits ``[S + K, H, W]`` at input size, detections (boxes in input pixels, scores,
-        classes, mask_logits) -> ``(panoptic_seg [H0, W0] int64, segments_info)`` at ``output_size``."""
-        from eyecool.modeling.panoptic_inference import panoptic_inference
-
+        """One image: sem_logits ``[S + K, h, w]`` (any scale; resized bilinearly to ``output_size``), detections
+        (``boxes`` in output pixels, ``scores``, ``classes``, ``mask_logits``) -> ``(panoptic_seg [H0, W0] int64,
+        segments_info)`` at ``output_size = (H0, W0)``."""
         return panoptic_inference(sem_logits, detections["boxes"], detections["scores"], detections["classes"],
                                   detections["mask_logits"], self.num_stuff, self.stuff_category_ids,
                                   self.thing_category_ids, output_size=output_size,

@@ -191,9 +191,9 @@ class PanopticModel(nn.Module):
         results = []
         for i, ((h, w), (h0, w0), det) in enumerate(zip(input_sizes, outputs, detections)):
             sem_i = sem_full[i, :, :h, :w]
-            panoptic_seg, segments_info = self.panoptic_head.inference(sem_i, det, (h0, w0))
             scale = torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], device=det["boxes"].device)
             boxes = det["boxes"] * scale
+            panoptic_seg, segments_info = self.panoptic_head.inference(sem_i, dict(det, boxes=boxes), (h0, w0))
             sem_labels = sem_i.argmax(dim=0)
             if (h0, w0) != (h, w):
                 sem_labels = F.interpolate(sem_labels[None, None].float(), size=(h0, w0), mode="nearest")[0, 0].long()

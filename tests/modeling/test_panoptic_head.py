@@ -1,5 +1,7 @@
 import torch
 
+import eyecool_ext
+
 from eyecool.modeling.panoptic_head import (choose_kept_instances, panoptic_logits, panoptic_training_target,
                                             paste_mask_logits)
 
@@ -72,6 +74,9 @@ def test_panoptic_logits_stack_formula():
     expected_instances = y + paste_mask_logits(masks, boxes, 6, 6)
     assert torch.allclose(stack[S:S + 2], expected_instances)
     assert torch.allclose(stack[-1], sem[S:].max(0).values - y.max(0).values)
+    # The inference merge's reference builds the same stack.
+    reference = eyecool_ext.reference.upsnet_logit_stack(sem, S, boxes, classes, masks)
+    assert torch.allclose(stack, reference, atol=1e-6)
     # No instances: unknown = max thing logit.
     empty = panoptic_logits(sem, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, 4, 4), S)
     assert torch.allclose(empty[-1], sem[S:].max(0).values)

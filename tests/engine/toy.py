@@ -47,10 +47,10 @@ class ToyModel(nn.Module):
 
     ``nan_at_call``: the forward call (0-based, training mode) whose ``loss_reg`` is NaN."""
 
-    def __init__(self, nan_at_call: Optional[int] = None):
+    def __init__(self, nan_at_call: Optional[int] = None, dropout: float = 0.2):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2))
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
         self.classifier = nn.Linear(8, 2)
         self.regressor = nn.Linear(8, 1)
         self.nan_at_call = nan_at_call
@@ -70,13 +70,13 @@ class ToyModel(nn.Module):
 def make_toy_trainer(out_dir: Optional[str], *, max_iter: int, batch_size: int, ctx: Optional[DistributedContext] = None,
                      num_workers: int = 0, checkpoint_period: int = 0, log_period: int = 1, nonfinite: str = "stop",
                      nan_at_call: Optional[int] = None, dataset_size: int = 32, seed: int = 0,
-                     stop_after_batches: Optional[int] = None) -> Trainer:
+                     stop_after_batches: Optional[int] = None, dropout: float = 0.2) -> Trainer:
     """A Trainer on the toy problem, seeded like ``eyecool.train`` does (model initialised from ``seed``, the
     training generators from ``seed + rank``). ``stop_after_batches``: the data stream raises
     KeyboardInterrupt when asked for one more batch (an interrupted run)."""
     ctx = ctx or DistributedContext(0, 1, 0, torch.device("cpu"))
     torch.manual_seed(seed)
-    model = ToyModel(nan_at_call=nan_at_call)
+    model = ToyModel(nan_at_call=nan_at_call, dropout=dropout)
     torch.manual_seed(seed + ctx.rank)
     optimizer = build_optimizer(model, lr=0.05, momentum=0.9, weight_decay=1e-4)
     scheduler = WarmupMultiStepLR(optimizer, milestones=[max_iter // 2], gamma=0.1, warmup_iters=3,

@@ -96,7 +96,7 @@ def average_across_ranks(values: Dict[str, float], device: torch.device) -> Dict
     """The mean of each scalar over all ranks (for logging losses that every rank computed on its own shard)."""
     if get_world_size() == 1 or not values:
         return dict(values)
-    names = sorted(values)
+    names = list(values)  # every rank builds the dict in the same order
     stacked = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=device)
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     stacked /= get_world_size()

@@ -10,6 +10,8 @@ from typing import List, Optional
 
 # subcommand -> module that defines it (imported only when the command line is built).
 COMMANDS = {
+    "synth": "eyecool.data.synthetic",
+    "validate-data": "eyecool.data.validate",
 }
 
 

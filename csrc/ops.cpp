@@ -21,4 +21,13 @@ TORCH_LIBRARY(eyecool, m) {
       "_multilevel_roi_align_backward(Tensor grad, Tensor rois, SymInt pooled_height, SymInt pooled_width, "
       "float[] scales, int sampling_ratio, bool aligned, float canonical_box_size, int canonical_level, "
       "SymInt batch_size, SymInt channels, SymInt[] heights, SymInt[] widths) -> Tensor[]");
+  // Deformable convolution, DCN v1 (mask None) and modulated v2; torchvision's semantics with the weight groups
+  // and offset groups inferred from the shapes. The backward returns (grad_input, grad_offset, grad_weight,
+  // grad_mask, grad_bias); grad_mask is an empty [0] tensor when mask is None.
+  m.def(
+      "deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? mask, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

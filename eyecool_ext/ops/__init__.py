@@ -1,4 +1,5 @@
 """The typed Python API of every eyecool op (``eyecool_ext.ops.<op>``), one module per op family."""
+from eyecool_ext.ops.deform_conv2d import DeformConv2d, deform_conv2d
 from eyecool_ext.ops.roi_align import MultiLevelRoIAlign, RoIAlign, multilevel_roi_align, roi_align
 
-__all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign"]
+__all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign", "deform_conv2d", "DeformConv2d"]

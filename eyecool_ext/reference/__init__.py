@@ -3,6 +3,7 @@
 They are the oracle the kernels are tested against and the fallback when the compiled extension is missing.
 They favour clarity over speed and memory.
 """
+from eyecool_ext.reference.deform_conv2d import deform_conv2d
 from eyecool_ext.reference.roi_align import fpn_level_index, multilevel_roi_align, roi_align
 
-__all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index"]
+__all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index", "deform_conv2d"]

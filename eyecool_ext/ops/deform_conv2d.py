@@ -1,0 +1,172 @@
+"""Deformable convolution (DCN v1 and modulated v2), torchvision's op on eyecool's kernels, and the
+``DeformConv2d`` layer of the semantic branch (UPSNet's "DC subnet").
+
+The op is registered in C++ (``torch.ops.eyecool.deform_conv2d``); this module adds the typed wrapper, the fake
+kernels that let ``torch.compile`` trace it, and its autograd formula, whose backward calls the registered
+``eyecool::_deform_conv2d_backward`` op.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from eyecool_ext import _extension, reference
+from eyecool_ext.reference.deform_conv2d import IntPair, _int_pair, check_deform_conv2d_args
+
+
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                  stride: IntPair = (1, 1), padding: IntPair = (0, 0), dilation: IntPair = (1, 1),
+                  mask: Optional[Tensor] = None) -> Tensor:
+    """Deformable convolution with torchvision's exact semantics (``torchvision.ops.deform_conv2d``).
+
+    Every kernel point ``k = i * kw + j`` of output pixel ``(h, w)`` samples the input bilinearly at
+    ``(h * stride_h - pad_h + i * dilation_h + dy, w * stride_w - pad_w + j * dilation_w + dx)``, where
+    ``(dy, dx)`` are offset channels ``2k, 2k + 1`` of the channel's offset group; samples are zero outside the
+    image. With ``mask`` (DCN v2) every sample is multiplied by mask channel ``k`` of its offset group.
+
+    Args:
+        input: ``Tensor[N, C_in, H, W]`` (float, double; half and bfloat16 accumulate in float). Any N, also 0.
+        offset: ``Tensor[N, 2 * offset_groups * kh * kw, H_out, W_out]``; ``offset_groups`` is inferred from
+            it and must divide ``C_in``.
+        weight: ``Tensor[C_out, C_in / groups, kh, kw]``; ``groups`` is inferred from it.
+        bias: ``Tensor[C_out]`` or None.
+        stride, padding, dilation: an int or ``(h, w)``.
+        mask: ``Tensor[N, offset_groups * kh * kw, H_out, W_out]`` modulation (DCN v2), or None (DCN v1).
+
+    Returns:
+        ``Tensor[N, C_out, H_out, W_out]`` with ``H_out = (H + 2 pad_h - (dilation_h (kh - 1) + 1)) // stride_h + 1``
+        (``W_out`` likewise). Differentiable in input, offset, weight, bias and mask.
+
+    Raises:
+        ValueError: a shape, dtype or device that does not fit, with the expected and the given shapes.
+    """
+    shape = check_deform_conv2d_args(input, offset, weight, bias, stride, padding, dilation, mask)
+    tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
+    if not _extension.use_compiled("deform_conv2d", *tensors):
+        return reference.deform_conv2d(input, offset, weight, bias, shape.stride, shape.padding, shape.dilation,
+                                       mask)
+    return torch.ops.eyecool.deform_conv2d(input, offset, weight, mask, bias, list(shape.stride),
+                                           list(shape.padding), list(shape.dilation))
+
+
+class DeformConv2d(nn.Module):
+    """A deformable convolution layer that predicts its own offsets (and, for DCN v2, its modulation).
+
+    The offsets come from a plain convolution over the layer's input with the layer's kernel size, stride,
+    padding and dilation (``2 * offset_groups * kh * kw`` channels); with ``modulated=True`` a second one gives
+    ``offset_groups * kh * kw`` mask channels through ``2 * sigmoid``. Both are zero-initialised (UPSNet's
+    choice), so a new layer computes exactly the plain convolution with its ``weight`` and ``bias``: offsets 0 and
+    modulation ``2 * sigmoid(0) = 1`` (the factor 2 keeps that identity; DCN v2's plain sigmoid would start at
+    half the convolution).
+
+    This is the layer of the semantic branch (DESIGN.md section 5: deformable 3x3 256->256, 256->128,
+    128->128, each with its own offset convolution).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, offset_groups: int = 1,
+                 bias: bool = True, modulated: bool = False):
+        super().__init__()
+        if in_channels <= 0 or out_channels <= 0:
+            raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
+        if groups <= 0 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
+                             f"groups ({groups})")
+        if offset_groups <= 0 or in_channels % offset_groups:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by offset_groups ({offset_groups})")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _int_pair(kernel_size, "kernel_size", 1)
+        self.stride = _int_pair(stride, "stride", 1)
+        self.padding = _int_pair(padding, "padding", 0)
+        self.dilation = _int_pair(dilation, "dilation", 1)
+        self.groups = groups
+        self.offset_groups = offset_groups
+        self.modulated = modulated
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.offset_conv = nn.Conv2d(in_channels, 2 * offset_groups * kh * kw, self.kernel_size, self.stride,
+                                     self.padding, self.dilation)
+        self.mask_conv = (nn.Conv2d(in_channels, offset_groups * kh * kw, self.kernel_size, self.stride,
+                                    self.padding, self.dilation) if modulated else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight`` and ``bias`` as ``nn.Conv2d`` initialises them; offset and mask convolutions to zero."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3]
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        for conv in (self.offset_conv, self.mask_conv):
+            if conv is not None:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+
+    def offsets_and_mask(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """x ``[N, C_in, H, W]`` -> offsets ``[N, 2 G kh kw, H_out, W_out]`` and mask ``[N, G kh kw, H_out, W_out]``
+        (None unless modulated)."""
+        offset = self.offset_conv(x)
+        mask = 2 * torch.sigmoid(self.mask_conv(x)) if self.mask_conv is not None else None
+        return offset, mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x ``[N, C_in, H, W]`` -> ``[N, C_out, H_out, W_out]``."""
+        offset, mask = self.offsets_and_mask(x)
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}, dilation={self.dilation}")
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.offset_groups != 1:
+            s += f", offset_groups={self.offset_groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.modulated:
+            s += ", modulated=True"
+        return s
+
+
+if _extension.compiled() and _extension.has_op("deform_conv2d"):
+
+    def _output_size(input, weight, stride, padding, dilation):
+        out_h = (input.size(2) + 2 * padding[0] - (dilation[0] * (weight.size(2) - 1) + 1)) // stride[0] + 1
+        out_w = (input.size(3) + 2 * padding[1] - (dilation[1] * (weight.size(3) - 1) + 1)) // stride[1] + 1
+        return out_h, out_w
+
+    @torch.library.register_fake("eyecool::deform_conv2d")
+    def _deform_conv2d_fake(input, offset, weight, mask, bias, stride, padding, dilation):
+        torch._check(input.dim() == 4 and offset.dim() == 4 and weight.dim() == 4,
+                     lambda: "input, offset and weight must be 4-d")
+        out_h, out_w = _output_size(input, weight, stride, padding, dilation)
+        torch._check(offset.size(2) == out_h and offset.size(3) == out_w,
+                     lambda: "offset must have the output's spatial size")
+        return input.new_empty((input.size(0), weight.size(0), out_h, out_w))
+
+    @torch.library.register_fake("eyecool::_deform_conv2d_backward")
+    def _deform_conv2d_backward_fake(grad, input, offset, weight, mask, stride, padding, dilation):
+        grad_mask = torch.empty_like(mask) if mask is not None else input.new_empty((0,))
+        return (torch.empty_like(input), torch.empty_like(offset), torch.empty_like(weight), grad_mask,
+                weight.new_empty((weight.size(0),)))
+
+    def _deform_conv2d_setup_context(ctx, inputs, output):
+        input, offset, weight, mask, bias, stride, padding, dilation = inputs
+        ctx.save_for_backward(input, offset, weight, mask)
+        ctx.args = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+
+    def _deform_conv2d_backward(ctx, grad):
+        input, offset, weight, mask = ctx.saved_tensors
+        grad_input, grad_offset, grad_weight, grad_mask, grad_bias = torch.ops.eyecool._deform_conv2d_backward(
+            grad, input, offset, weight, mask, *ctx.args)
+        return (grad_input, grad_offset, grad_weight, grad_mask if mask is not None else None,
+                grad_bias if ctx.has_bias else None, None, None, None)
+
+    torch.library.register_autograd("eyecool::deform_conv2d", _deform_conv2d_backward,
+                                    setup_context=_deform_conv2d_setup_context)

@@ -1,0 +1,169 @@
+"""Deformable convolution (DCN v1, modulated v2) in plain PyTorch: the test oracle for the kernels and their
+fallback.
+
+It gathers every bilinear tap of every (output pixel, kernel point, channel) at once and contracts them with the
+weight in one einsum, so memory grows with N * C_in * kh * kw * H_out * W_out: meant for tests and small inputs.
+Autograd through the gathers gives all five gradients; the sampling follows torchvision's kernels (zero padding
+outside the image, a point at or beyond one pixel outside contributes nothing).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _int_pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
+    """``3 -> (3, 3)``, ``(3, 1) -> (3, 1)``; a ValueError naming ``name`` unless both are ``>= minimum``."""
+    if isinstance(value, int):
+        out = (value, value)
+    else:
+        out = tuple(int(v) for v in value)
+        if len(out) == 1:
+            out = (out[0], out[0])
+    if len(out) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if out[0] < minimum or out[1] < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+class DeformConv2dShape(NamedTuple):
+    """Everything the kernels need to know about one call, derived from the argument shapes."""
+
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int  # weight groups: C_in / weight.shape[1]
+    offset_groups: int  # offset.shape[1] / (2 * kh * kw)
+    out_height: int
+    out_width: int
+
+
+def check_deform_conv2d_args(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             stride: IntPair, padding: IntPair, dilation: IntPair,
+                             mask: Optional[Tensor]) -> DeformConv2dShape:
+    """Validate a ``deform_conv2d`` call and infer its groups and output size.
+
+    Raises ValueError naming the argument, the expected shape and the given one.
+    """
+    stride = _int_pair(stride, "stride", 1)
+    padding = _int_pair(padding, "padding", 0)
+    dilation = _int_pair(dilation, "dilation", 1)
+    for name, t in (("input", input), ("offset", offset), ("weight", weight)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"deform_conv2d: {name} must be a 4-d tensor, got {shape}")
+    n, c_in, height, width = input.shape
+    c_out, c_in_per_group, kh, kw = weight.shape
+    if not input.is_floating_point():
+        raise ValueError(f"deform_conv2d: input must be a floating point tensor, got {input.dtype}")
+    others = [("offset", offset), ("weight", weight)]
+    if mask is not None:
+        others.append(("mask", mask))
+    if bias is not None:
+        others.append(("bias", bias))
+    for name, t in others:
+        if t.dtype != input.dtype:
+            raise ValueError(f"deform_conv2d: {name} must have the dtype of input ({input.dtype}), got {t.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"deform_conv2d: {name} must be on the device of input ({input.device}), "
+                             f"got {t.device}")
+    if c_in_per_group == 0 or kh == 0 or kw == 0 or c_in % c_in_per_group != 0:
+        raise ValueError(f"deform_conv2d: input channels ({c_in}) must be divisible by weight.shape[1] "
+                         f"(input channels per group); got input {tuple(input.shape)}, weight {tuple(weight.shape)}")
+    groups = c_in // c_in_per_group
+    if c_out % groups != 0:
+        raise ValueError(f"deform_conv2d: output channels (weight.shape[0] = {c_out}) must be divisible by the "
+                         f"{groups} weight groups; got weight {tuple(weight.shape)}")
+    taps = kh * kw
+    if offset.shape[1] == 0 or offset.shape[1] % (2 * taps) != 0:
+        raise ValueError(f"deform_conv2d: offset must have 2 * offset_groups * kh * kw = a positive multiple of "
+                         f"{2 * taps} channels for a {kh}x{kw} kernel, got offset {tuple(offset.shape)}")
+    offset_groups = offset.shape[1] // (2 * taps)
+    if c_in % offset_groups != 0:
+        raise ValueError(f"deform_conv2d: input channels ({c_in}) must be divisible by the {offset_groups} offset "
+                         f"groups that offset {tuple(offset.shape)} implies")
+    out_height = (height + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    out_width = (width + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    if out_height <= 0 or out_width <= 0:
+        raise ValueError(f"deform_conv2d: the output would be empty ({out_height}x{out_width}) for input "
+                         f"{tuple(input.shape)}, a {kh}x{kw} kernel, stride {stride}, padding {padding}, "
+                         f"dilation {dilation}")
+    expected_offset = (n, 2 * offset_groups * taps, out_height, out_width)
+    if tuple(offset.shape) != expected_offset:
+        raise ValueError(f"deform_conv2d: offset must have shape {expected_offset} (batch, 2 * offset_groups * "
+                         f"kh * kw, output height, output width), got {tuple(offset.shape)}")
+    if mask is not None:
+        expected_mask = (n, offset_groups * taps, out_height, out_width)
+        if mask.dim() != 4 or tuple(mask.shape) != expected_mask:
+            raise ValueError(f"deform_conv2d: mask must have shape {expected_mask} (batch, offset_groups * kh * kw, "
+                             f"output height, output width), got {tuple(mask.shape)}")
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"deform_conv2d: bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    return DeformConv2dShape(stride, padding, dilation, groups, offset_groups, out_height, out_width)
+
+
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                  stride: IntPair = (1, 1), padding: IntPair = (0, 0), dilation: IntPair = (1, 1),
+                  mask: Optional[Tensor] = None) -> Tensor:
+    """Reference deformable convolution with torchvision's signature and semantics; see
+    ``eyecool_ext.ops.deform_conv2d``."""
+    shape = check_deform_conv2d_args(input, offset, weight, bias, stride, padding, dilation, mask)
+    n, c_in, height, width = input.shape
+    c_out, c_in_per_group, kh, kw = weight.shape
+    taps = kh * kw
+    groups, offset_groups = shape.groups, shape.offset_groups
+    out_h, out_w = shape.out_height, shape.out_width
+    pixels = out_h * out_w
+    acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    device = input.device
+
+    # Sampling positions [N, offset_groups, kh*kw, H_out, W_out]: the regular grid plus the learnt offsets
+    # (offset channel 2k is the y shift of kernel point k, 2k+1 its x shift).
+    ky = torch.arange(kh, device=device, dtype=acc) * shape.dilation[0]
+    kx = torch.arange(kw, device=device, dtype=acc) * shape.dilation[1]
+    oy = torch.arange(out_h, device=device, dtype=acc) * shape.stride[0] - shape.padding[0]
+    ox = torch.arange(out_w, device=device, dtype=acc) * shape.stride[1] - shape.padding[1]
+    grid_y = (oy.view(1, 1, out_h, 1) + ky.view(kh, 1, 1, 1)).expand(kh, kw, out_h, out_w).reshape(taps, out_h, out_w)
+    grid_x = (ox.view(1, 1, 1, out_w) + kx.view(1, kw, 1, 1)).expand(kh, kw, out_h, out_w).reshape(taps, out_h, out_w)
+    off = offset.to(acc).view(n, offset_groups, taps, 2, out_h, out_w)
+    y = grid_y + off[:, :, :, 0]
+    x = grid_x + off[:, :, :, 1]
+
+    # torchvision's bilinear_interpolate: nothing at or beyond one pixel outside, zero-valued taps outside.
+    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    y_low = torch.floor(y.detach())
+    x_low = torch.floor(x.detach())
+    ly = y - y_low
+    lx = x - x_low
+    hy = 1 - ly
+    hx = 1 - lx
+    y_low = torch.where(inside, y_low, torch.zeros_like(y_low)).to(torch.long)
+    x_low = torch.where(inside, x_low, torch.zeros_like(x_low)).to(torch.long)
+
+    channels_per_offset_group = c_in // offset_groups
+    image = input.to(acc).reshape(n, offset_groups, channels_per_offset_group, height * width)
+    samples = taps * pixels
+
+    def tap(yi: Tensor, xi: Tensor, w: Tensor) -> Tensor:
+        ok = inside & (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
+        index = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).view(n, offset_groups, 1, samples)
+        values = image.gather(3, index.expand(n, offset_groups, channels_per_offset_group, samples))
+        w = torch.where(ok, w, torch.zeros_like(w)).view(n, offset_groups, 1, samples)
+        return values * w
+
+    columns = (tap(y_low, x_low, hy * hx) + tap(y_low, x_low + 1, hy * lx)
+               + tap(y_low + 1, x_low, ly * hx) + tap(y_low + 1, x_low + 1, ly * lx))
+    if mask is not None:
+        columns = columns * mask.to(acc).view(n, offset_groups, 1, samples)
+    # [N, C_in, kh*kw, P] -> per weight group [N, groups, C_in/groups * kh*kw, P], matching weight's flattening.
+    columns = columns.view(n, groups, c_in_per_group * taps, pixels)
+    w = weight.to(acc).view(groups, c_out // groups, c_in_per_group * taps)
+    out = torch.einsum("gok,ngkp->ngop", w, columns).reshape(n, c_out, out_h, out_w)
+    if bias is not None:
+        out = out + bias.to(acc).view(1, c_out, 1, 1)
+    return out.to(input.dtype)

@@ -34,8 +34,8 @@ def _darker(color: Color, factor: float = 0.6) -> Color:
 
 
 def _label_anchor(mask: np.ndarray) -> Tuple[int, int]:
-    """A point well inside the mask: the mask pixel nearest to the centre of its largest horizontal run in the
-    middle row band (the centroid of a ring or an L lies outside it)."""
+    """Where a segment's label goes: the mask pixel nearest to its centroid (the centroid itself may lie outside
+    a ring- or L-shaped segment)."""
     ys, xs = np.nonzero(mask)
     cy, cx = ys.mean(), xs.mean()
     nearest = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))

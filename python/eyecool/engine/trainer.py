@@ -55,9 +55,11 @@ class Trainer:
             and the iteration; ``"skip"`` drops that step (no parameter update) and goes on.
         checkpoint_period, eval_period, log_period: in iterations; 0 disables periodic checkpoints / evaluation
             (the final checkpoint and evaluation always happen).
-        evaluate_fn: ``model -> dict of metrics`` run by every rank on the unwrapped model in eval mode; it
-            returns the gathered result on rank 0 (other ranks may return anything).
+        evaluate_fn: ``(model, final) -> dict of metrics`` run by every rank on the unwrapped model in eval mode
+            (``final`` is True for the evaluation after the last iteration); it returns the gathered result on
+            rank 0 (other ranks may return anything).
         config: plain dict stored in every checkpoint (the resolved configuration).
+        extra_state: more plain data stored in every checkpoint (e.g. the data set's categories).
         find_unused_parameters: DDP option; needed when some parameters get no gradient in some steps.
     """
 
@@ -65,8 +67,9 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, stream_factory: Callable[[int], Iterator[Any]],
                  *, max_iter: int, ctx: DistributedContext, out_dir: Optional[str] = None, amp: bool = False,
                  clip_grad: float = 0.0, nonfinite: str = "stop", checkpoint_period: int = 0, eval_period: int = 0,
-                 log_period: int = 20, evaluate_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
-                 config: Optional[Dict[str, Any]] = None, find_unused_parameters: bool = False):
+                 log_period: int = 20, evaluate_fn: Optional[Callable[[nn.Module, bool], Dict[str, float]]] = None,
+                 config: Optional[Dict[str, Any]] = None, extra_state: Optional[Dict[str, Any]] = None,
+                 find_unused_parameters: bool = False):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         self.model = model
@@ -84,6 +87,7 @@ class Trainer:
         self.log_period = log_period
         self.evaluate_fn = evaluate_fn
         self.config = config or {}
+        self.extra_state = extra_state or {}
         self.start_iter = 0
         self._rng_to_restore: Optional[Dict[str, Any]] = None  # this rank's generators, set by resume()
         self.eval_results: Dict[str, float] = {}
@@ -140,6 +144,7 @@ class Trainer:
             "iteration": iteration,
             "config": self.config,
             "rng": rng_states,
+            **self.extra_state,
         }
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
@@ -148,7 +153,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- evaluation
 
-    def run_evaluation(self, writer: MetricsWriter, iteration: int) -> Dict[str, float]:
+    def run_evaluation(self, writer: MetricsWriter, iteration: int, final: bool = False) -> Dict[str, float]:
         if self.evaluate_fn is None:
             return {}
         self.model.eval()
@@ -156,7 +161,7 @@ class Trainer:
         # checkpoint written just before this evaluation must draw the same numbers afterwards.
         cuda_devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices):
-            results = self.evaluate_fn(self.model)
+            results = self.evaluate_fn(self.model, final)
         self.model.train()
         if self.ctx.is_main and results:
             writer.append_row({"iteration": iteration, **{k: float(v) for k, v in results.items()}})
@@ -239,4 +244,4 @@ class Trainer:
             iter_start = time.perf_counter()
 
         self.save("model_final.pth", self.max_iter - 1)
-        return self.run_evaluation(writer, self.max_iter - 1)
+        return self.run_evaluation(writer, self.max_iter - 1, final=True)

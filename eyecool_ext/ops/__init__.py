@@ -1,5 +1,7 @@
 """The typed Python API of every eyecool op (``eyecool_ext.ops.<op>``), one module per op family."""
 from eyecool_ext.ops.deform_conv2d import DeformConv2d, deform_conv2d
+from eyecool_ext.ops.pq_pair_counts import batched_pq_pair_counts, pq_pair_counts
 from eyecool_ext.ops.roi_align import MultiLevelRoIAlign, RoIAlign, multilevel_roi_align, roi_align
 
-__all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign", "deform_conv2d", "DeformConv2d"]
+__all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign", "deform_conv2d", "DeformConv2d",
+           "pq_pair_counts", "batched_pq_pair_counts"]

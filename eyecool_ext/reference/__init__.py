@@ -4,6 +4,8 @@ They are the oracle the kernels are tested against and the fallback when the com
 They favour clarity over speed and memory.
 """
 from eyecool_ext.reference.deform_conv2d import deform_conv2d
+from eyecool_ext.reference.pq_pair_counts import batched_pq_pair_counts, pq_pair_counts
 from eyecool_ext.reference.roi_align import fpn_level_index, multilevel_roi_align, roi_align
 
-__all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index", "deform_conv2d"]
+__all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index", "deform_conv2d", "pq_pair_counts",
+           "batched_pq_pair_counts"]

@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": "eyecool.engine.cli",
     "predict": "eyecool.engine.cli",
     "demo": "eyecool.engine.cli",
+    "pq": "eyecool.evaluation.cli",
 }
 
 

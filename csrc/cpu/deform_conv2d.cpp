@@ -33,6 +33,13 @@ constexpr int64_t kMaxTilePixels = 256;
 // Channel blocks of the backward: wide enough for an efficient GEMM (kh * kw * 64 columns), narrow enough that
 // layers of 128 and 256 channels give every core of a small machine a block.
 constexpr int64_t kBlockChannels = 64;
+// Below this many multiply-adds a thread runs alone: waking the pool costs more than it saves on tiny layers.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
+
+// at::parallel_for grain for `items` work items of `work_per_item` multiply-adds each.
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_item));
+}
 
 // Raw pointers of one call's sampling inputs.
 template <typename scalar_t>
@@ -113,7 +120,8 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
   const int64_t row = taps * C;  // cols layout [pixel, group, k, c_in_group]
   const int64_t tile = forward_tile_pixels(s, row, sizeof(scalar_t));
   const int64_t tiles_per_image = (plane + tile - 1) / tile;
-  at::parallel_for(0, s.batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
+  const int64_t work_per_tile = tile * row * (s.out_channels / s.groups + 4);
+  at::parallel_for(0, s.batch * tiles_per_image, grain_for(work_per_tile), [&](int64_t begin, int64_t end) {
     at::Tensor cols = at::empty({tile, row}, output.options());
     scalar_t* cols_data = cols.data_ptr<scalar_t>();
     for (int64_t t = begin; t < end; ++t) {
@@ -187,7 +195,9 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
   const int64_t C = s.in_channels, W = s.width;
   const int64_t c_per_group = C / s.groups;
   const int64_t out_per_group = s.out_channels / s.groups;
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t work_per_block = s.batch * plane * taps * (C / static_cast<int64_t>(blocks.size())) *
+                                 (2 * (s.out_channels / s.groups) + 12);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), grain_for(work_per_block), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const ChannelBlock& block = blocks[b];
       const int64_t width = block.c1 - block.c0;

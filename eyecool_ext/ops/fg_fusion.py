@@ -1,0 +1,67 @@
+"""RPN-FCN fusion (RFF, the Eyecool report): gate the RPN objectness of every level with the semantic branch's
+foreground probability, in one fused op.
+
+``fg = sum over the thing channels of softmax(sem_logits)`` is computed with an online softmax in one pass over
+the logits (no ``[N, S + K, H, W]`` temporary); the backward recomputes the softmax statistics instead of
+storing them. The op is ``torch.ops.eyecool.fg_fusion``; this module adds the typed wrapper, its fake kernel
+and its autograd formula (whose backward is ``torch.ops.eyecool._fg_fusion_backward``).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from eyecool_ext import _extension, reference
+from eyecool_ext.reference.fg_fusion import check_fg_fusion_args
+
+
+def fg_fusion(sem_logits: Tensor, rpn_logits: Sequence[Tensor], num_stuff: int, mode: str = "logit") -> List[Tensor]:
+    """Fuse the semantic foreground probability into the RPN objectness of every level.
+
+    ``fg = sum_{c >= num_stuff} softmax(sem_logits, dim=1)[:, c]``, ``fg_l = adaptive_avg_pool2d(fg, (H_l, W_l))``;
+    returns ``rpn_logits[l] * fg_l`` (``mode="logit"``, the paper's formula) or ``sigmoid(rpn_logits[l]) * fg_l``
+    (``mode="prob"``, fused probabilities). ``fg_l`` broadcasts over the anchor channels. Differentiable with
+    respect to both inputs (detach ``sem_logits`` to stop the gradient into the semantic branch).
+
+    Args:
+        sem_logits: ``Tensor[N, S + K, H, W]`` semantic logits, stuff channels first (stride 4 in the network).
+        rpn_logits: list of ``Tensor[N, A, H_l, W_l]`` objectness logits, one per level; same dtype and device.
+        num_stuff: S, the number of stuff channels (``0 <= num_stuff < S + K``).
+        mode: ``"logit"`` or ``"prob"``.
+
+    Returns:
+        list of ``Tensor[N, A, H_l, W_l]``, one per level.
+    """
+    levels = check_fg_fusion_args(sem_logits, rpn_logits, num_stuff, mode)
+    if not _extension.use_compiled("fg_fusion", sem_logits, *levels):
+        return reference.fg_fusion(sem_logits, levels, num_stuff, mode)
+    return list(torch.ops.eyecool.fg_fusion(sem_logits, levels, int(num_stuff), mode))
+
+
+if _extension.compiled() and _extension.has_op("fg_fusion"):
+
+    @torch.library.register_fake("eyecool::fg_fusion")
+    def _fg_fusion_fake(sem_logits, rpn_logits, num_stuff, mode):
+        torch._check(sem_logits.dim() == 4, lambda: "sem_logits must be [N, S + K, H, W]")
+        return [torch.empty_like(level) for level in rpn_logits]
+
+    @torch.library.register_fake("eyecool::_fg_fusion_backward")
+    def _fg_fusion_backward_fake(grads, sem_logits, rpn_logits, num_stuff, mode):
+        return torch.empty_like(sem_logits), [torch.empty_like(level) for level in rpn_logits]
+
+    def _fg_fusion_setup_context(ctx, inputs, output):
+        sem_logits, rpn_logits, num_stuff, mode = inputs
+        ctx.save_for_backward(sem_logits, *rpn_logits)
+        ctx.num_stuff = num_stuff
+        ctx.mode = mode
+
+    def _fg_fusion_backward(ctx, grads):
+        sem_logits, *rpn_logits = ctx.saved_tensors
+        grads = [torch.zeros_like(level) if g is None else g for g, level in zip(grads, rpn_logits)]
+        grad_sem, grad_rpn = torch.ops.eyecool._fg_fusion_backward(grads, sem_logits, rpn_logits, ctx.num_stuff,
+                                                                   ctx.mode)
+        return grad_sem, list(grad_rpn), None, None
+
+    torch.library.register_autograd("eyecool::fg_fusion", _fg_fusion_backward, setup_context=_fg_fusion_setup_context)

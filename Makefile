@@ -41,8 +41,10 @@ $(VENV)/.extension-built: $(EXT_SOURCES) $(CONFIG_STAMP) $(VENV)/.installed-pack
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Synthetic data -> train configs/demo.yaml -> evaluate -> pictures, on the CPU (see eyecool.engine.demo).
+DEMO_OUT ?= output/demo
 demo: install
-	$(PY) benchmarks/run.py
+	$(PY) -m eyecool demo --out $(DEMO_OUT)
 
 bench: install
 	$(PY) benchmarks/run.py --json bench_out/results.json

@@ -12,6 +12,10 @@ from typing import List, Optional
 COMMANDS = {
     "synth": "eyecool.data.synthetic",
     "validate-data": "eyecool.data.validate",
+    "train": "eyecool.engine.cli",
+    "eval": "eyecool.engine.cli",
+    "predict": "eyecool.engine.cli",
+    "demo": "eyecool.engine.cli",
     "pq": "eyecool.evaluation.cli",
 }
 

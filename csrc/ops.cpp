@@ -37,10 +37,6 @@ TORCH_LIBRARY(eyecool, m) {
   m.def(
       "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
       "int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Panoptic quality's inner loop: for [B, H, W] gt and pred id maps, every distinct (image, gt_id, pred_id)
-  // triple and its pixel count, sorted by (image, gt_id, pred_id): (image_index, gt_id, pred_id, count), all
-  // int64 of one data-dependent length P.
-  m.def("pq_pair_counts(Tensor gt_ids, Tensor pred_ids) -> (Tensor, Tensor, Tensor, Tensor)");
   // RPN-FCN fusion: the RPN logits of every level gated by the pooled foreground probability of the semantic
   // logits (the sum of the thing channels' softmax). mode is "logit" (the paper) or "prob".
   m.def("fg_fusion(Tensor sem_logits, Tensor[] rpn_logits, int num_stuff, str mode) -> Tensor[]");

@@ -27,6 +27,9 @@ EYECOOL_HD int32_t rgb_to_segment_id(uint8_t r, uint8_t g, uint8_t b) {
   return static_cast<int32_t>(r) | (static_cast<int32_t>(g) << 8) | (static_cast<int32_t>(b) << 16);
 }
 
+// 32 zero bytes: the reference the flat-span test compares residuals against.
+constexpr uint8_t kZeros[32] = {};
+
 // Reverses one scanline's filter. filtered: the row's bytes after its filter-type byte; prior: the previous
 // row already unfiltered (all zeros for the first row); row: the output. Returns false for an unknown filter.
 //
@@ -34,9 +37,6 @@ EYECOOL_HD int32_t rgb_to_segment_id(uint8_t r, uint8_t g, uint8_t b) {
 // Average and Paeth then carry no store-to-load dependency from one pixel to the next. Paeth has a shortcut
 // for the flat regions that make up panoptic PNGs: with a zero residual and the upper pixel equal to the
 // upper-left one (b == c, so |p - a| = 0), the prediction is the left pixel, exactly.
-// 32 zero bytes: the reference the flat-span test compares residuals against.
-constexpr uint8_t kZeros[32] = {};
-
 template <int BPP>
 inline bool unfilter_row(const uint8_t* filtered, const uint8_t* prior, uint8_t* row, int64_t length, int filter) {
   uint8_t left[BPP];

@@ -19,6 +19,9 @@
 namespace eyecool {
 namespace {
 
+// Below this many (output element x channel) updates a kernel runs on one thread.
+constexpr int64_t kSerialWork = 1 << 16;
+
 // One pyramid level as the kernels see it: a channels-last data pointer, its size and its scale.
 template <typename scalar_t>
 struct LevelView {
@@ -47,7 +50,10 @@ void forward_kernel(const std::vector<LevelView<scalar_t>>& levels, const LevelA
                     int64_t pooled_w, int64_t sampling_ratio, bool aligned, scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t bins = pooled_h * pooled_w;
-  at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
+  // Small problems run on one thread: waking a thread team costs more than they do (and far more when the
+  // cores are busy).
+  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, channels * bins));
+  at::parallel_for(0, num_rois, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(channels);
     for (int64_t k = begin; k < end; ++k) {
       const scalar_t* r = rois + k * 5;
@@ -99,7 +105,8 @@ void backward_kernel(const std::vector<LevelView<scalar_t>>& levels, const std::
                      const scalar_t* grad_cl) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // One contiguous channel block per thread, but never blocks so thin that the per-ROI geometry dominates.
-  const int64_t grain = std::max<int64_t>(16, (channels + threads - 1) / threads);
+  int64_t grain = std::max<int64_t>(16, (channels + threads - 1) / threads);
+  if (num_rois * pooled_h * pooled_w * channels < kSerialWork) grain = channels;
   at::parallel_for(0, channels, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t k = 0; k < num_rois; ++k) {
       const scalar_t* r = rois + k * 5;

@@ -109,3 +109,12 @@ def test_synth_command(tmp_path, capsys):
     assert len(os.listdir(os.path.join(out, "images", "train"))) == 2
     with pytest.raises(ValueError, match="size must be at least 32"):
         generate_synthetic_dataset(out, 1, 1, size=16)
+
+
+def test_output_does_not_depend_on_the_number_of_processes(tmp_path):
+    # 64 images: the size from which the generator uses a process pool.
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    generate_synthetic_dataset(one, 60, 4, size=32, seed=4, workers=1)
+    generate_synthetic_dataset(two, 60, 4, size=32, seed=4, workers=2)
+    _, mismatch, errors = filecmp.cmpfiles(one, two, _files(one), shallow=False)
+    assert len(_files(one)) == 2 * 64 + 2 and mismatch == [] and errors == []

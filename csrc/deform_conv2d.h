@@ -143,6 +143,7 @@ inline DeformConv2dShape check_deform_conv2d_inputs(const at::Tensor& input, con
   s.dilation_h = dilation[0];
   s.dilation_w = dilation[1];
   const int64_t per_group = weight.size(1);
+  TORCH_CHECK(s.in_channels > 0, "deform_conv2d: input must have at least one channel, got input ", input.sizes());
   TORCH_CHECK(per_group > 0 && s.kernel_h > 0 && s.kernel_w > 0 && s.in_channels % per_group == 0,
               "deform_conv2d: input channels (", s.in_channels,
               ") must be divisible by weight.shape[1] (input channels per group); got input ", input.sizes(),

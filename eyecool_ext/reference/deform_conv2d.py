@@ -72,6 +72,8 @@ def check_deform_conv2d_args(input: Tensor, offset: Tensor, weight: Tensor, bias
         if t.device != input.device:
             raise ValueError(f"deform_conv2d: {name} must be on the device of input ({input.device}), "
                              f"got {t.device}")
+    if c_in == 0:
+        raise ValueError(f"deform_conv2d: input must have at least one channel, got input {tuple(input.shape)}")
     if c_in_per_group == 0 or kh == 0 or kw == 0 or c_in % c_in_per_group != 0:
         raise ValueError(f"deform_conv2d: input channels ({c_in}) must be divisible by weight.shape[1] "
                          f"(input channels per group); got input {tuple(input.shape)}, weight {tuple(weight.shape)}")

@@ -30,4 +30,15 @@ TORCH_LIBRARY(eyecool, m) {
   m.def(
       "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
       "int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // RPN-FCN fusion: the RPN logits of every level gated by the pooled foreground probability of the semantic
+  // logits (the sum of the thing channels' softmax). mode is "logit" (the paper) or "prob".
+  m.def("fg_fusion(Tensor sem_logits, Tensor[] rpn_logits, int num_stuff, str mode) -> Tensor[]");
+  m.def(
+      "_fg_fusion_backward(Tensor[] grads, Tensor sem_logits, Tensor[] rpn_logits, int num_stuff, str mode) "
+      "-> (Tensor, Tensor[])");
+  // UPSNet's panoptic merge for one image: per-pixel argmax of the (stuff, instances, unknown) logit stack,
+  // with sem_logits bilinearly resized to (height, width) on the fly. Inference only (no backward).
+  m.def(
+      "upsnet_panoptic_merge(Tensor sem_logits, int num_stuff, Tensor boxes, Tensor classes, Tensor mask_logits, "
+      "SymInt height, SymInt width) -> Tensor");
 }

@@ -1,0 +1,55 @@
+// UPSNet panoptic merge on the CPU: parallel over output rows, one call of the shared per-pixel decision
+// (panoptic_merge.h, the code the CUDA kernel runs) per pixel. A pixel reads its C channels at a stride of one
+// plane; walking a row keeps those C cache lines hot for the next pixels, so nothing is transposed or
+// materialised: no [S + M + 1, H, W] stack, no pasted masks, no resized logits.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "panoptic_merge.h"
+
+namespace eyecool {
+namespace {
+
+at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_stuff, const at::Tensor& boxes_in,
+                                     const at::Tensor& classes_in, const at::Tensor& mask_logits_in, int64_t height,
+                                     int64_t width) {
+  check_panoptic_merge_inputs(sem_logits, num_stuff, boxes_in, classes_in, mask_logits_in, height, width);
+  at::Tensor labels = at::empty({height, width}, sem_logits.options().dtype(at::kLong));
+  if (labels.numel() == 0) return labels;
+  const at::Tensor sem = sem_logits.contiguous();
+  const at::Tensor boxes = boxes_in.contiguous();
+  const at::Tensor classes = classes_in.contiguous();
+  const at::Tensor masks = mask_logits_in.contiguous();
+  const int64_t channels = sem.size(0), in_h = sem.size(1), in_w = sem.size(2);
+  const int64_t num_instances = boxes.size(0), mask_h = masks.size(1), mask_w = masks.size(2);
+  const int64_t num_things = channels - num_stuff;
+  const int64_t* cls = classes.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_instances; ++i) {
+    TORCH_CHECK(cls[i] >= 0 && cls[i] < num_things, "upsnet_panoptic_merge: classes[", i,
+                "] must be a thing index in [0, ", num_things, "), got ", cls[i]);
+  }
+  int64_t* out = labels.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "upsnet_panoptic_merge_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* sem_ptr = sem.data_ptr<scalar_t>();
+    const scalar_t* box_ptr = boxes.data_ptr<scalar_t>();
+    const scalar_t* mask_ptr = masks.data_ptr<scalar_t>();
+    at::parallel_for(0, height, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t py = begin; py < end; ++py) {
+        for (int64_t px = 0; px < width; ++px) {
+          const auto pixel = semantic_pixel<acc_t, scalar_t>(sem_ptr, in_h, in_w, height, width, px, py);
+          out[py * width + px] = upsnet_pixel_label<acc_t>(pixel, channels, num_stuff, box_ptr, cls, mask_ptr,
+                                                           num_instances, mask_h, mask_w, px, py);
+        }
+      }
+    });
+  });
+  return labels;
+}
+
+}  // namespace
+}  // namespace eyecool
+
+TORCH_LIBRARY_IMPL(eyecool, CPU, m) { m.impl("upsnet_panoptic_merge", &eyecool::upsnet_panoptic_merge_cpu); }

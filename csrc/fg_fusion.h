@@ -1,0 +1,179 @@
+// RPN-FCN fusion (RFF) math shared by the CPU and CUDA kernels: the online softmax-sum of the thing classes, its
+// gradient, the adaptive average pooling bins, and the gate applied to the RPN logits.
+//
+//   fg(p)     = sum_{c >= S} softmax_c(x(p))                       (one pass over the channels, no softmax stored)
+//   fg_l      = adaptive_avg_pool2d(fg, (H_l, W_l))
+//   out_l     = gate(r_l) * fg_l,     gate(r) = r ("logit") or sigmoid(r) ("prob")
+//   d fg / d x_c = softmax_c * ([c >= S] - fg)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+
+#include "common.h"
+
+namespace eyecool {
+
+#ifndef __CUDA_ARCH__
+using std::exp;
+#endif
+
+// exp(x) for the x <= 0 of the softmax (x - max). On the GPU it is the CUDA library's exp. On the host, float
+// uses a branch-free polynomial (Cephes' expf: range reduction by ln 2, degree-6 polynomial, relative error
+// below 2e-7) because the library's expf is a call that the compiler cannot vectorise without -ffast-math, and
+// the softmax loops are bound by it. Inputs below -87.3 (where expf turns denormal) return 0.
+EYECOOL_HD float exp_nonpositive(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  const bool underflow = x < -87.33654f;
+  x = underflow ? -87.33654f : x;
+  x = x > 0.f ? 0.f : x;
+  // Round x / ln 2 to the nearest integer n with the 1.5 * 2^23 trick (n ends up in the low mantissa bits).
+  const float shifter = 12582912.f;
+  const float t = x * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  int32_t t_bits, shifter_bits;
+  std::memcpy(&t_bits, &t, sizeof(t_bits));
+  std::memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
+  const int32_t scale_bits = (t_bits - shifter_bits + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return underflow ? 0.f : p * scale;
+#endif
+}
+
+EYECOOL_HD double exp_nonpositive(double x) { return exp(x); }
+
+// Running softmax statistics of one pixel over the channels seen so far: the max, and the sums of
+// exp(x - max) over all channels and over the thing channels.
+template <typename T>
+struct ThingSoftmaxSum {
+  T max, total, things;
+};
+
+template <typename T>
+EYECOOL_HD ThingSoftmaxSum<T> thing_softmax_start(T x, bool is_thing) {
+  return {x, T(1), is_thing ? T(1) : T(0)};
+}
+
+// Online update with a single exp per channel: exp(-|x - max|) is the new channel's term when x <= max, and the
+// factor that rescales the sums to the new max when x > max. Written with selects so that the CPU loop over a
+// row of pixels vectorises.
+template <typename T>
+EYECOOL_HD void thing_softmax_add(ThingSoftmaxSum<T>& s, T x, bool is_thing) {
+  // Both branches are computed and then selected: with only selects left the compiler if-converts the loop
+  // (it does not speculate floating-point arithmetic written inside a conditional).
+  const T d = x - s.max;
+  const bool new_max = d > T(0);
+  const T e = exp_nonpositive(new_max ? -d : d);
+  const T thing = is_thing ? T(1) : T(0);
+  const T rescaled_total = s.total * e + T(1), extended_total = s.total + e;
+  const T rescaled_things = s.things * e + thing, extended_things = s.things + thing * e;
+  s.total = new_max ? rescaled_total : extended_total;
+  s.things = new_max ? rescaled_things : extended_things;
+  s.max = new_max ? x : s.max;
+}
+
+template <typename T>
+EYECOOL_HD T thing_softmax_fg(const ThingSoftmaxSum<T>& s) {
+  return s.things / s.total;
+}
+
+// d loss / d x_c given grad_fg = d loss / d fg at the pixel, recomputing softmax_c from the pixel's statistics.
+template <typename T>
+EYECOOL_HD T thing_softmax_grad(T x, T max, T total, T fg, T grad_fg, bool is_thing) {
+  const T prob = exp_nonpositive(x - max) / total;
+  return grad_fg * prob * ((is_thing ? T(1) : T(0)) - fg);
+}
+
+// Adaptive average pooling bins (PyTorch's): output cell i of `out` cells over `in` inputs covers
+// [floor(i * in / out), ceil((i + 1) * in / out)). Bins overlap when out does not divide in.
+EYECOOL_HD int64_t adaptive_bin_start(int64_t i, int64_t in, int64_t out) { return (i * in) / out; }
+
+EYECOOL_HD int64_t adaptive_bin_end(int64_t i, int64_t in, int64_t out) { return ((i + 1) * in + out - 1) / out; }
+
+// The output cells whose bins contain input index p: [first, stop).
+//   end_i > p   <=>  i >= floor(p * out / in);     start_i <= p  <=>  i < ceil((p + 1) * out / in).
+EYECOOL_HD int64_t adaptive_first_bin(int64_t p, int64_t in, int64_t out) { return (p * out) / in; }
+
+EYECOOL_HD int64_t adaptive_stop_bin(int64_t p, int64_t in, int64_t out) { return ((p + 1) * out + in - 1) / in; }
+
+// Mean of `map` ([height, width], row-major) over output cell (i, j) of an out_h x out_w adaptive pooling.
+template <typename T>
+EYECOOL_HD T adaptive_bin_mean(const T* map, int64_t height, int64_t width, int64_t i, int64_t j, int64_t out_h,
+                               int64_t out_w) {
+  const int64_t y0 = adaptive_bin_start(i, height, out_h), y1 = adaptive_bin_end(i, height, out_h);
+  const int64_t x0 = adaptive_bin_start(j, width, out_w), x1 = adaptive_bin_end(j, width, out_w);
+  T sum = T(0);
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t x = x0; x < x1; ++x) sum += map[y * width + x];
+  }
+  return sum / static_cast<T>((y1 - y0) * (x1 - x0));
+}
+
+// Number of inputs in output cell i's bin along one axis.
+EYECOOL_HD int64_t adaptive_bin_size(int64_t i, int64_t in, int64_t out) {
+  return adaptive_bin_end(i, in, out) - adaptive_bin_start(i, in, out);
+}
+
+// gate(r) and d gate / d r: the paper multiplies the logit itself; "prob" gates the objectness probability.
+template <typename T>
+EYECOOL_HD T fusion_gate(T r, bool prob_mode) {
+  return prob_mode ? T(1) / (T(1) + exp(-r)) : r;
+}
+
+template <typename T>
+EYECOOL_HD T fusion_gate_grad(T r, bool prob_mode) {
+  if (!prob_mode) return T(1);
+  const T s = T(1) / (T(1) + exp(-r));
+  return s * (T(1) - s);
+}
+
+// ---- input checks (host only), shared by the CPU and CUDA entry points ----
+
+inline bool fg_fusion_prob_mode(std::string_view mode) {
+  TORCH_CHECK(mode == "logit" || mode == "prob", "fg_fusion: mode must be \"logit\" or \"prob\", got \"",
+              std::string(mode), "\"");
+  return mode == "prob";
+}
+
+inline void check_fg_fusion_inputs(const at::Tensor& sem_logits, at::TensorList rpn_logits, int64_t num_stuff,
+                                   const char* op) {
+  check_dim(sem_logits, 4, "sem_logits", "[N, S + K, H, W]");
+  check_floating(sem_logits, "sem_logits");
+  TORCH_CHECK(num_stuff >= 0 && num_stuff < sem_logits.size(1), op, ": num_stuff must be in [0, ",
+              sem_logits.size(1), ") (the channels of sem_logits), got ", num_stuff);
+  TORCH_CHECK(!rpn_logits.empty(), op, ": rpn_logits must hold at least one level");
+  for (size_t l = 0; l < rpn_logits.size(); ++l) {
+    const at::Tensor& r = rpn_logits[l];
+    TORCH_CHECK(r.dim() == 4 && r.size(0) == sem_logits.size(0), op, ": rpn_logits[", l,
+                "] must be [N, A, H_l, W_l] with the batch size of sem_logits (", sem_logits.size(0), "), got ",
+                r.sizes());
+    check_same_dtype(sem_logits, "sem_logits", r, "rpn_logits[l]");
+    check_same_device(sem_logits, "sem_logits", r, "rpn_logits[l]");
+  }
+}
+
+inline void check_fg_fusion_grads(at::TensorList grads, at::TensorList rpn_logits) {
+  TORCH_CHECK(grads.size() == rpn_logits.size(), "_fg_fusion_backward: got ", grads.size(), " gradients for ",
+              rpn_logits.size(), " levels");
+  for (size_t l = 0; l < grads.size(); ++l) {
+    TORCH_CHECK(grads[l].sizes() == rpn_logits[l].sizes(), "_fg_fusion_backward: grads[", l, "] must have shape ",
+                rpn_logits[l].sizes(), ", got ", grads[l].sizes());
+    check_same_dtype(grads[l], "grads[l]", rpn_logits[l], "rpn_logits[l]");
+    check_same_device(grads[l], "grads[l]", rpn_logits[l], "rpn_logits[l]");
+  }
+}
+
+}  // namespace eyecool

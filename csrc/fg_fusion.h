@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string_view>
 
 #include "common.h"
@@ -18,6 +19,41 @@ namespace eyecool {
 #ifndef __CUDA_ARCH__
 using std::exp;
 #endif
+
+// exp(x) for the x <= 0 of the softmax (x - max). On the GPU it is the CUDA library's exp. On the host, float
+// uses a branch-free polynomial (Cephes' expf: range reduction by ln 2, degree-6 polynomial, relative error
+// below 2e-7) because the library's expf is a call that the compiler cannot vectorise without -ffast-math, and
+// the softmax loops are bound by it. Inputs below -87.3 (where expf turns denormal) return 0.
+EYECOOL_HD float exp_nonpositive(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  const bool underflow = x < -87.33654f;
+  x = underflow ? -87.33654f : x;
+  x = x > 0.f ? 0.f : x;
+  // Round x / ln 2 to the nearest integer n with the 1.5 * 2^23 trick (n ends up in the low mantissa bits).
+  const float shifter = 12582912.f;
+  const float t = x * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  int32_t t_bits, shifter_bits;
+  std::memcpy(&t_bits, &t, sizeof(t_bits));
+  std::memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
+  const int32_t scale_bits = (t_bits - shifter_bits + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return underflow ? 0.f : p * scale;
+#endif
+}
+
+EYECOOL_HD double exp_nonpositive(double x) { return exp(x); }
 
 // Running softmax statistics of one pixel over the channels seen so far: the max, and the sums of
 // exp(x - max) over all channels and over the thing channels.
@@ -36,12 +72,16 @@ EYECOOL_HD ThingSoftmaxSum<T> thing_softmax_start(T x, bool is_thing) {
 // row of pixels vectorises.
 template <typename T>
 EYECOOL_HD void thing_softmax_add(ThingSoftmaxSum<T>& s, T x, bool is_thing) {
+  // Both branches are computed and then selected: with only selects left the compiler if-converts the loop
+  // (it does not speculate floating-point arithmetic written inside a conditional).
   const T d = x - s.max;
   const bool new_max = d > T(0);
-  const T e = exp(new_max ? -d : d);
+  const T e = exp_nonpositive(new_max ? -d : d);
   const T thing = is_thing ? T(1) : T(0);
-  s.total = new_max ? s.total * e + T(1) : s.total + e;
-  s.things = new_max ? s.things * e + thing : s.things + thing * e;
+  const T rescaled_total = s.total * e + T(1), extended_total = s.total + e;
+  const T rescaled_things = s.things * e + thing, extended_things = s.things + thing * e;
+  s.total = new_max ? rescaled_total : extended_total;
+  s.things = new_max ? rescaled_things : extended_things;
   s.max = new_max ? x : s.max;
 }
 
@@ -53,7 +93,7 @@ EYECOOL_HD T thing_softmax_fg(const ThingSoftmaxSum<T>& s) {
 // d loss / d x_c given grad_fg = d loss / d fg at the pixel, recomputing softmax_c from the pixel's statistics.
 template <typename T>
 EYECOOL_HD T thing_softmax_grad(T x, T max, T total, T fg, T grad_fg, bool is_thing) {
-  const T prob = exp(x - max) / total;
+  const T prob = exp_nonpositive(x - max) / total;
   return grad_fg * prob * ((is_thing ? T(1) : T(0)) - fg);
 }
 

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -26,20 +27,130 @@
 namespace eyecool {
 namespace {
 
-// Column tiles of about this many bytes stay in the per-core L2 cache between the sampling and the GEMM.
-constexpr int64_t kTileBytes = 512 * 1024;
+// Column tiles of about a core's L2 cache: the GEMM packs the weight once per tile, so larger tiles amortise
+// that over more pixels, while smaller ones keep the freshly sampled columns in cache for the GEMM.
+constexpr int64_t kTileBytes = 1024 * 1024;
 constexpr int64_t kMinTilePixels = 16;
 constexpr int64_t kMaxTilePixels = 256;
-// Channel blocks of the backward: wide enough for an efficient GEMM (kh * kw * 64 columns), narrow enough that
-// layers of 128 and 256 channels give every core of a small machine a block.
-constexpr int64_t kBlockChannels = 64;
+// Channel blocks of the backward: at most 64 channels (kh * kw * 64 GEMM columns), and at least 32 unless the
+// group is narrower, aiming at 4 blocks per layer so that a few threads share the work evenly. The partition
+// depends on the shapes only, never on the thread count.
+constexpr int64_t kMaxBlockChannels = 64;
+constexpr int64_t kMinBlockChannels = 32;
+constexpr int64_t kBlocksWanted = 4;
 // Below this many multiply-adds a thread runs alone: waking the pool costs more than it saves on tiny layers.
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
 
-// at::parallel_for grain for `items` work items of `work_per_item` multiply-adds each.
-int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_item));
+// Runs body(item, scratch) for every item in [0, count) on the intra-op thread pool. Items are handed out one
+// at a time from a shared counter, so a thread that falls behind (another process on its core) does not hold
+// the others up, as a static split would. Every item owns its outputs, so the result does not depend on which
+// thread ran it. make_scratch() builds one scratch object per worker (reused across its items).
+template <typename MakeScratch, typename Body>
+void parallel_items(int64_t count, int64_t work_per_item, const MakeScratch& make_scratch, const Body& body) {
+  if (count <= 0) return;
+  const int64_t by_work = std::max<int64_t>(1, count * work_per_item / kMinWorkPerThread);
+  const int64_t workers = std::min<int64_t>({count, by_work, std::max<int64_t>(1, at::get_num_threads())});
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      auto scratch = make_scratch();
+      for (int64_t item = next++; item < count; item = next++) body(item, scratch);
+    }
+  });
 }
+
+// ---- the hot channel loops ----
+// The extension is compiled for the baseline x86-64 ISA; these loops are cloned for AVX2+FMA and AVX-512 and the
+// best clone is picked when the library loads (function multi-versioning), so they run at full vector width
+// without a machine-specific build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define EYECOOL_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EYECOOL_VECTOR_CLONES
+#endif
+
+// Independent partial sums per lane let the compiler vectorise a dot product without reassociating it (which
+// it may not do under IEEE rules); the lanes are added in a fixed order, so the result does not depend on the ISA
+// beyond FMA contraction.
+constexpr int kLanes = 16;
+
+template <typename T>
+__attribute__((always_inline)) inline void blend4_body(T* __restrict__ dest, const T* __restrict__ p1,
+                                                       const T* __restrict__ p2, const T* __restrict__ p3,
+                                                       const T* __restrict__ p4, T w1, T w2, T w3, T w4, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dest[c] = w1 * p1[c] + w2 * p2[c] + w3 * p3[c] + w4 * p4[c];
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void dot4_body(const T* __restrict__ g, const T* __restrict__ v1,
+                                                     const T* __restrict__ v2, const T* __restrict__ v3,
+                                                     const T* __restrict__ v4, int64_t n, T* __restrict__ sums) {
+  T a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {}, a4[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const T gl = g[c + l];
+      a1[l] += gl * v1[c + l];
+      a2[l] += gl * v2[c + l];
+      a3[l] += gl * v3[c + l];
+      a4[l] += gl * v4[c + l];
+    }
+  }
+  T s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    s1 += a1[l];
+    s2 += a2[l];
+    s3 += a3[l];
+    s4 += a4[l];
+  }
+  for (; c < n; ++c) {
+    s1 += g[c] * v1[c];
+    s2 += g[c] * v2[c];
+    s3 += g[c] * v3[c];
+    s4 += g[c] * v4[c];
+  }
+  sums[0] = s1;
+  sums[1] = s2;
+  sums[2] = s3;
+  sums[3] = s4;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void axpy_body(T* __restrict__ dst, T a, const T* __restrict__ x, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] += a * x[c];
+}
+
+}  // namespace
+
+// Outside the anonymous namespace: the load-time resolver of a cloned function needs external linkage.
+namespace deform_cpu_loops {
+// dest[c] = w1 p1[c] + w2 p2[c] + w3 p3[c] + w4 p4[c]
+EYECOOL_VECTOR_CLONES void blend4(float* dest, const float* p1, const float* p2, const float* p3, const float* p4,
+                                  float w1, float w2, float w3, float w4, int64_t n) {
+  blend4_body(dest, p1, p2, p3, p4, w1, w2, w3, w4, n);
+}
+EYECOOL_VECTOR_CLONES void blend4(double* dest, const double* p1, const double* p2, const double* p3,
+                                  const double* p4, double w1, double w2, double w3, double w4, int64_t n) {
+  blend4_body(dest, p1, p2, p3, p4, w1, w2, w3, w4, n);
+}
+// sums[i] = sum_c g[c] v_i[c]
+EYECOOL_VECTOR_CLONES void dot4(const float* g, const float* v1, const float* v2, const float* v3, const float* v4,
+                                int64_t n, float* sums) {
+  dot4_body(g, v1, v2, v3, v4, n, sums);
+}
+EYECOOL_VECTOR_CLONES void dot4(const double* g, const double* v1, const double* v2, const double* v3,
+                                const double* v4, int64_t n, double* sums) {
+  dot4_body(g, v1, v2, v3, v4, n, sums);
+}
+// dst[c] += a x[c]
+EYECOOL_VECTOR_CLONES void axpy(float* dst, float a, const float* x, int64_t n) { axpy_body(dst, a, x, n); }
+EYECOOL_VECTOR_CLONES void axpy(double* dst, double a, const double* x, int64_t n) { axpy_body(dst, a, x, n); }
+}  // namespace deform_cpu_loops
+
+namespace {
+using deform_cpu_loops::axpy;
+using deform_cpu_loops::blend4;
+using deform_cpu_loops::dot4;
 
 // Raw pointers of one call's sampling inputs.
 template <typename scalar_t>
@@ -75,7 +186,7 @@ ModulatedTaps<scalar_t> sample(const DeformConv2dShape& s, const SamplingView<sc
 
 // dest[c] = sum_i w_i * tap_i[c] for `count` contiguous channels; a sample wholly outside the image is 0.
 template <typename scalar_t>
-inline void write_sample(scalar_t* __restrict__ dest, const scalar_t* image_n, const DeformConv2dShape& s,
+inline void write_sample(scalar_t* dest, const scalar_t* image_n, const DeformConv2dShape& s,
                          const ModulatedTaps<scalar_t>& mt, int64_t c0, int64_t count) {
   const DeformTaps<scalar_t>& t = mt.taps;
   if (!t.any) {
@@ -83,13 +194,10 @@ inline void write_sample(scalar_t* __restrict__ dest, const scalar_t* image_n, c
     return;
   }
   const int64_t C = s.in_channels, W = s.width;
-  const scalar_t* __restrict__ p1 = image_n + (t.y_low * W + t.x_low) * C + c0;
-  const scalar_t* __restrict__ p2 = image_n + (t.y_low * W + t.x_high) * C + c0;
-  const scalar_t* __restrict__ p3 = image_n + (t.y_high * W + t.x_low) * C + c0;
-  const scalar_t* __restrict__ p4 = image_n + (t.y_high * W + t.x_high) * C + c0;
   const scalar_t m = mt.modulation;
-  const scalar_t w1 = m * t.w1, w2 = m * t.w2, w3 = m * t.w3, w4 = m * t.w4;
-  for (int64_t c = 0; c < count; ++c) dest[c] = w1 * p1[c] + w2 * p2[c] + w3 * p3[c] + w4 * p4[c];
+  blend4(dest, image_n + (t.y_low * W + t.x_low) * C + c0, image_n + (t.y_low * W + t.x_high) * C + c0,
+         image_n + (t.y_high * W + t.x_low) * C + c0, image_n + (t.y_high * W + t.x_high) * C + c0, m * t.w1,
+         m * t.w2, m * t.w3, m * t.w4, count);
 }
 
 // Pixels per tile so that a tile's columns (row_elements values per pixel) take about kTileBytes.
@@ -121,42 +229,40 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
   const int64_t tile = forward_tile_pixels(s, row, sizeof(scalar_t));
   const int64_t tiles_per_image = (plane + tile - 1) / tile;
   const int64_t work_per_tile = tile * row * (s.out_channels / s.groups + 4);
-  at::parallel_for(0, s.batch * tiles_per_image, grain_for(work_per_tile), [&](int64_t begin, int64_t end) {
-    at::Tensor cols = at::empty({tile, row}, output.options());
+  const auto make_cols = [&] { return at::empty({tile, row}, output.options()); };
+  parallel_items(s.batch * tiles_per_image, work_per_tile, make_cols, [&](int64_t t, at::Tensor& cols) {
     scalar_t* cols_data = cols.data_ptr<scalar_t>();
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / tiles_per_image;
-      const int64_t p0 = (t - n * tiles_per_image) * tile;
-      const int64_t count = std::min(tile, plane - p0);
-      const scalar_t* image_n = v.image + n * s.height * s.width * C;
-      for (int64_t p = 0; p < count; ++p) {
-        scalar_t* cols_row = cols_data + p * row;
-        for (int64_t k = 0; k < taps; ++k) {
-          for (int64_t og = 0; og < s.offset_groups; ++og) {
-            const ModulatedTaps<scalar_t> mt = sample(s, v, n, og, k, p0 + p);
-            // The offset group's channels, split where they cross into another weight group.
-            int64_t c = og * c_per_offset_group;
-            const int64_t c_end = c + c_per_offset_group;
-            while (c < c_end) {
-              const int64_t g = c / c_per_group;
-              const int64_t stop = std::min(c_end, (g + 1) * c_per_group);
-              scalar_t* dest = cols_row + g * taps * c_per_group + k * c_per_group + (c - g * c_per_group);
-              write_sample(dest, image_n, s, mt, c, stop - c);
-              c = stop;
-            }
+    const int64_t n = t / tiles_per_image;
+    const int64_t p0 = (t - n * tiles_per_image) * tile;
+    const int64_t count = std::min(tile, plane - p0);
+    const scalar_t* image_n = v.image + n * s.height * s.width * C;
+    for (int64_t p = 0; p < count; ++p) {
+      scalar_t* cols_row = cols_data + p * row;
+      for (int64_t k = 0; k < taps; ++k) {
+        for (int64_t og = 0; og < s.offset_groups; ++og) {
+          const ModulatedTaps<scalar_t> mt = sample(s, v, n, og, k, p0 + p);
+          // The offset group's channels, split where they cross into another weight group.
+          int64_t c = og * c_per_offset_group;
+          const int64_t c_end = c + c_per_offset_group;
+          while (c < c_end) {
+            const int64_t g = c / c_per_group;
+            const int64_t stop = std::min(c_end, (g + 1) * c_per_group);
+            scalar_t* dest = cols_row + g * taps * c_per_group + k * c_per_group + (c - g * c_per_group);
+            write_sample(dest, image_n, s, mt, c, stop - c);
+            c = stop;
           }
         }
       }
-      at::Tensor out_n = output.select(0, n).view({s.out_channels, plane});
-      for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor out_tile = out_n.narrow(0, g * out_per_group, out_per_group).narrow(1, p0, count);
-        at::Tensor cols_g = cols.narrow(0, 0, count).narrow(1, g * taps * c_per_group, taps * c_per_group);
-        at::Tensor w_g = weight_rows.narrow(0, g * out_per_group, out_per_group);
-        if (has_bias) {
-          out_tile.addmm_(w_g, cols_g.t());  // the output starts as the bias
-        } else {
-          at::mm_out(out_tile, w_g, cols_g.t());
-        }
+    }
+    at::Tensor out_n = output.select(0, n).view({s.out_channels, plane});
+    for (int64_t g = 0; g < s.groups; ++g) {
+      at::Tensor out_tile = out_n.narrow(0, g * out_per_group, out_per_group).narrow(1, p0, count);
+      at::Tensor cols_g = cols.narrow(0, 0, count).narrow(1, g * taps * c_per_group, taps * c_per_group);
+      at::Tensor w_g = weight_rows.narrow(0, g * out_per_group, out_per_group);
+      if (has_bias) {
+        out_tile.addmm_(w_g, cols_g.t());  // the output starts as the bias
+      } else {
+        at::mm_out(out_tile, w_g, cols_g.t());
       }
     }
   });
@@ -169,12 +275,14 @@ struct ChannelBlock {
 
 std::vector<ChannelBlock> channel_blocks(const DeformConv2dShape& s) {
   const int64_t c_per_group = s.in_channels / s.groups, c_per_offset_group = s.in_channels / s.offset_groups;
+  const int64_t block_channels = std::min(
+      kMaxBlockChannels, std::max(kMinBlockChannels, (s.in_channels + kBlocksWanted - 1) / kBlocksWanted));
   std::vector<ChannelBlock> blocks;
   int64_t c = 0;
   while (c < s.in_channels) {
     // The next boundary of either partition ends this segment; split the segment into even blocks.
     const int64_t stop = std::min((c / c_per_group + 1) * c_per_group, (c / c_per_offset_group + 1) * c_per_offset_group);
-    const int64_t pieces = (stop - c + kBlockChannels - 1) / kBlockChannels;
+    const int64_t pieces = (stop - c + block_channels - 1) / block_channels;
     for (int64_t i = 0; i < pieces; ++i) {
       const int64_t b0 = c + (stop - c) * i / pieces, b1 = c + (stop - c) * (i + 1) / pieces;
       blocks.push_back({b0, b1, b0 / c_per_group, b0 / c_per_offset_group});
@@ -197,92 +305,80 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
   const int64_t out_per_group = s.out_channels / s.groups;
   const int64_t work_per_block = s.batch * plane * taps * (C / static_cast<int64_t>(blocks.size())) *
                                  (2 * (s.out_channels / s.groups) + 12);
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), grain_for(work_per_block), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const ChannelBlock& block = blocks[b];
-      const int64_t width = block.c1 - block.c0;
-      const int64_t row = taps * width;  // this block's columns, layout [pixel, k, c]
-      const int64_t local0 = block.c0 - block.group * c_per_group;
-      const at::Tensor w_block = weight_perm.narrow(0, block.group * out_per_group, out_per_group)
-                                     .narrow(2, local0, width)
-                                     .reshape({out_per_group, row});
-      at::Tensor grad_w_block = at::zeros({out_per_group, row}, grad.options());
-      const int64_t tile = cache_tile_pixels(row, sizeof(scalar_t), plane);
-      at::Tensor cols = at::empty({tile, row}, grad.options());
-      at::Tensor grad_cols = at::empty({tile, row}, grad.options());
-      std::vector<ModulatedTaps<scalar_t>> samples(tile * taps);
-      scalar_t* cols_data = cols.data_ptr<scalar_t>();
-      const scalar_t* grad_cols_data = grad_cols.data_ptr<scalar_t>();
-      scalar_t* grad_in = grad_input_cl.data_ptr<scalar_t>();
-      scalar_t* off_part = offset_partial + b * s.batch * taps * 2 * plane;
-      scalar_t* mask_part = mask_partial ? mask_partial + b * s.batch * taps * plane : nullptr;
-      for (int64_t n = 0; n < s.batch; ++n) {
-        const scalar_t* image_n = v.image + n * s.height * W * C;
-        scalar_t* grad_in_n = grad_in + n * s.height * W * C;
-        const at::Tensor grad_n = grad.select(0, n).view({s.out_channels, plane}).narrow(0, block.group * out_per_group,
-                                                                                         out_per_group);
-        for (int64_t p0 = 0; p0 < plane; p0 += tile) {
-          const int64_t count = std::min(tile, plane - p0);
-          for (int64_t p = 0; p < count; ++p) {
-            for (int64_t k = 0; k < taps; ++k) {
-              ModulatedTaps<scalar_t>& mt = samples[p * taps + k];
-              mt = sample(s, v, n, block.offset_group, k, p0 + p);
-              write_sample(cols_data + p * row + k * width, image_n, s, mt, block.c0, width);
-            }
+  const auto no_scratch = [] { return 0; };
+  parallel_items(static_cast<int64_t>(blocks.size()), work_per_block, no_scratch, [&](int64_t b, int) {
+    const ChannelBlock& block = blocks[b];
+    const int64_t width = block.c1 - block.c0;
+    const int64_t row = taps * width;  // this block's columns, layout [pixel, k, c]
+    const int64_t local0 = block.c0 - block.group * c_per_group;
+    const at::Tensor w_block = weight_perm.narrow(0, block.group * out_per_group, out_per_group)
+                                   .narrow(2, local0, width)
+                                   .reshape({out_per_group, row});
+    at::Tensor grad_w_block = at::zeros({out_per_group, row}, grad.options());
+    const int64_t tile = cache_tile_pixels(row, sizeof(scalar_t), plane);
+    at::Tensor cols = at::empty({tile, row}, grad.options());
+    at::Tensor grad_cols = at::empty({tile, row}, grad.options());
+    std::vector<ModulatedTaps<scalar_t>> samples(tile * taps);
+    scalar_t* cols_data = cols.data_ptr<scalar_t>();
+    const scalar_t* grad_cols_data = grad_cols.data_ptr<scalar_t>();
+    scalar_t* grad_in = grad_input_cl.data_ptr<scalar_t>();
+    scalar_t* off_part = offset_partial + b * s.batch * taps * 2 * plane;
+    scalar_t* mask_part = mask_partial ? mask_partial + b * s.batch * taps * plane : nullptr;
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const scalar_t* image_n = v.image + n * s.height * W * C;
+      scalar_t* grad_in_n = grad_in + n * s.height * W * C;
+      const at::Tensor grad_n = grad.select(0, n).view({s.out_channels, plane}).narrow(0, block.group * out_per_group,
+                                                                                       out_per_group);
+      for (int64_t p0 = 0; p0 < plane; p0 += tile) {
+        const int64_t count = std::min(tile, plane - p0);
+        for (int64_t p = 0; p < count; ++p) {
+          for (int64_t k = 0; k < taps; ++k) {
+            ModulatedTaps<scalar_t>& mt = samples[p * taps + k];
+            mt = sample(s, v, n, block.offset_group, k, p0 + p);
+            write_sample(cols_data + p * row + k * width, image_n, s, mt, block.c0, width);
           }
-          const at::Tensor grad_tile = grad_n.narrow(1, p0, count);  // [C_out_g, count]
-          grad_w_block.addmm_(grad_tile, cols.narrow(0, 0, count));
-          at::Tensor grad_cols_tile = grad_cols.narrow(0, 0, count);
-          at::mm_out(grad_cols_tile, grad_tile.t(), w_block);
-          for (int64_t p = 0; p < count; ++p) {
-            const int64_t pixel = p0 + p;
-            for (int64_t k = 0; k < taps; ++k) {
-              const ModulatedTaps<scalar_t>& mt = samples[p * taps + k];
-              const DeformTaps<scalar_t>& t = mt.taps;
-              if (!t.any) continue;  // the partial gradients stay 0
-              const scalar_t* __restrict__ gc = grad_cols_data + p * row + k * width;
-              const int64_t i1 = (t.y_low * W + t.x_low) * C + block.c0;
-              const int64_t i2 = (t.y_low * W + t.x_high) * C + block.c0;
-              const int64_t i3 = (t.y_high * W + t.x_low) * C + block.c0;
-              const int64_t i4 = (t.y_high * W + t.x_high) * C + block.c0;
-              const scalar_t* __restrict__ v1 = image_n + i1;
-              const scalar_t* __restrict__ v2 = image_n + i2;
-              const scalar_t* __restrict__ v3 = image_n + i3;
-              const scalar_t* __restrict__ v4 = image_n + i4;
-              // Channel sums sum_c gc[c] * tap_i[c]: the value and coordinate gradients are linear in the taps.
-              scalar_t s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-              for (int64_t c = 0; c < width; ++c) {
-                const scalar_t g = gc[c];
-                s1 += g * v1[c];
-                s2 += g * v2[c];
-                s3 += g * v3[c];
-                s4 += g * v4[c];
-              }
-              const scalar_t m = mt.modulation;
-              scalar_t grad_y, grad_x;
-              deform_coordinate_gradient(t, s1, s2, s3, s4, &grad_y, &grad_x);
-              scalar_t* op = off_part + ((n * taps + k) * 2) * plane + pixel;
-              op[0] = m * grad_y;
-              op[plane] = m * grad_x;
-              if (mask_part) mask_part[(n * taps + k) * plane + pixel] = deform_bilinear_value(t, s1, s2, s3, s4);
-              // Scatter into this block's channels only; distinct taps never alias.
-              const scalar_t ws[4] = {m * t.w1, m * t.w2, m * t.w3, m * t.w4};
-              const bool in[4] = {t.in1, t.in2, t.in3, t.in4};
-              const int64_t idx[4] = {i1, i2, i3, i4};
-              for (int q = 0; q < 4; ++q) {
-                if (!in[q]) continue;
-                scalar_t* __restrict__ dst = grad_in_n + idx[q];
-                const scalar_t wq = ws[q];
-                for (int64_t c = 0; c < width; ++c) dst[c] += wq * gc[c];
-              }
+        }
+        const at::Tensor grad_tile = grad_n.narrow(1, p0, count);  // [C_out_g, count]
+        grad_w_block.addmm_(grad_tile, cols.narrow(0, 0, count));
+        at::Tensor grad_cols_tile = grad_cols.narrow(0, 0, count);
+        at::mm_out(grad_cols_tile, grad_tile.t(), w_block);
+        for (int64_t p = 0; p < count; ++p) {
+          const int64_t pixel = p0 + p;
+          for (int64_t k = 0; k < taps; ++k) {
+            const ModulatedTaps<scalar_t>& mt = samples[p * taps + k];
+            const DeformTaps<scalar_t>& t = mt.taps;
+            if (!t.any) continue;  // the partial gradients stay 0
+            const scalar_t* gc = grad_cols_data + p * row + k * width;
+            const int64_t i1 = (t.y_low * W + t.x_low) * C + block.c0;
+            const int64_t i2 = (t.y_low * W + t.x_high) * C + block.c0;
+            const int64_t i3 = (t.y_high * W + t.x_low) * C + block.c0;
+            const int64_t i4 = (t.y_high * W + t.x_high) * C + block.c0;
+            // Channel sums sum_c gc[c] * tap_i[c]: the value and coordinate gradients are linear in the taps.
+            scalar_t sums[4];
+            dot4(gc, image_n + i1, image_n + i2, image_n + i3, image_n + i4, width, sums);
+            const scalar_t s1 = sums[0], s2 = sums[1], s3 = sums[2], s4 = sums[3];
+            const scalar_t m = mt.modulation;
+            scalar_t grad_y, grad_x;
+            deform_coordinate_gradient(t, s1, s2, s3, s4, &grad_y, &grad_x);
+            scalar_t* op = off_part + ((n * taps + k) * 2) * plane + pixel;
+            op[0] = m * grad_y;
+            op[plane] = m * grad_x;
+            if (mask_part) mask_part[(n * taps + k) * plane + pixel] = deform_bilinear_value(t, s1, s2, s3, s4);
+            // Scatter into this block's channels only; distinct taps never alias.
+            const scalar_t ws[4] = {m * t.w1, m * t.w2, m * t.w3, m * t.w4};
+            const bool in[4] = {t.in1, t.in2, t.in3, t.in4};
+            const int64_t idx[4] = {i1, i2, i3, i4};
+            for (int q = 0; q < 4; ++q) {
+              if (!in[q]) continue;
+              axpy(grad_in_n + idx[q], ws[q], gc, width);
             }
           }
         }
       }
-      grad_weight_perm.narrow(0, block.group * out_per_group, out_per_group)
-          .narrow(2, local0, width)
-          .copy_(grad_w_block.view({out_per_group, taps, width}));
     }
+    grad_weight_perm.narrow(0, block.group * out_per_group, out_per_group)
+        .narrow(2, local0, width)
+        .copy_(grad_w_block.view({out_per_group, taps, width}));
   });
 }
 

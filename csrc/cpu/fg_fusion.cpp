@@ -1,11 +1,12 @@
 // RPN-FCN fusion on the CPU.
 //
 // Forward: one pass over the semantic logits, parallel over image rows: for each row the channel loop is
-// outermost and the pixel loop innermost (contiguous, vectorisable), carrying the online softmax statistics of
+// outermost and the pixel loop innermost (contiguous, vectorised), carrying the online softmax statistics of
 // the row's pixels; only the one-channel foreground map is written. The levels are then pooled from that map.
 // Backward: the same pass recomputes the per-pixel statistics (max, sum, fg; the softmax is never stored), the
 // gradient of fg is gathered from every level's bins, and a second sweep writes the logits' gradient.
-// Every output element is owned by one thread, so results do not depend on the thread count.
+// Every output element is owned by one thread, so results do not depend on the thread count. The two row loops
+// are compiled twice, for AVX2+FMA and for the baseline ISA, and chosen at run time (8 lanes instead of 4).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -14,77 +15,164 @@
 #include <tuple>
 #include <vector>
 
+// The softmax loops vectorise only when the compiler may evaluate both sides of a floating-point select, i.e.
+// without trapping math (PyTorch never enables floating-point traps), so this file and the shared math it
+// inlines are compiled that way.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "fg_fusion.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define EYECOOL_X86 1
+#define EYECOOL_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define EYECOOL_X86 0
+#define EYECOOL_TARGET_AVX2
+#endif
 
 namespace eyecool {
 namespace {
 
-// Per-pixel softmax statistics of every image: the fg map, and (for the backward) the max and the sum.
-template <typename acc_t>
+bool cpu_has_avx2() {
+#if EYECOOL_X86
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Softmax statistics of one row of pixels (base points at channel 0 of the row; channels are `plane` apart):
+// channel loop outside, pixel loop inside, carrying the online state in row_max / row_total / fg; writes fg.
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void row_statistics_body(const scalar_t* base, int64_t plane, int64_t channels,
+                                                               int64_t num_stuff, int64_t width, acc_t* row_max,
+                                                               acc_t* row_total, acc_t* fg) {
+  for (int64_t x = 0; x < width; ++x) {
+    const auto s = thing_softmax_start<acc_t>(static_cast<acc_t>(base[x]), 0 >= num_stuff);
+    row_max[x] = s.max;
+    row_total[x] = s.total;
+    fg[x] = s.things;  // the running thing sum until the division at the end
+  }
+  for (int64_t c = 1; c < channels; ++c) {
+    const scalar_t* channel_row = base + c * plane;
+    const bool is_thing = c >= num_stuff;
+#pragma omp simd
+    for (int64_t x = 0; x < width; ++x) {
+      ThingSoftmaxSum<acc_t> s{row_max[x], row_total[x], fg[x]};
+      thing_softmax_add<acc_t>(s, static_cast<acc_t>(channel_row[x]), is_thing);
+      row_max[x] = s.max;
+      row_total[x] = s.total;
+      fg[x] = s.things;
+    }
+  }
+  for (int64_t x = 0; x < width; ++x) {
+    fg[x] = thing_softmax_fg(ThingSoftmaxSum<acc_t>{row_max[x], row_total[x], fg[x]});
+  }
+}
+
+// d loss / d logits of one row of pixels, from the row's statistics and d loss / d fg.
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void row_gradient_body(const scalar_t* base, scalar_t* grad_base, int64_t plane,
+                                                             int64_t channels, int64_t num_stuff, int64_t width,
+                                                             const acc_t* max, const acc_t* total, const acc_t* fg,
+                                                             const acc_t* grad_fg) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const bool is_thing = c >= num_stuff;
+    const scalar_t* src = base + c * plane;
+    scalar_t* dst = grad_base + c * plane;
+#pragma omp simd
+    for (int64_t x = 0; x < width; ++x) {
+      dst[x] = static_cast<scalar_t>(
+          thing_softmax_grad<acc_t>(static_cast<acc_t>(src[x]), max[x], total[x], fg[x], grad_fg[x], is_thing));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+EYECOOL_TARGET_AVX2 void row_statistics_avx2(const scalar_t* base, int64_t plane, int64_t channels, int64_t num_stuff,
+                                             int64_t width, acc_t* row_max, acc_t* row_total, acc_t* fg) {
+  row_statistics_body<scalar_t, acc_t>(base, plane, channels, num_stuff, width, row_max, row_total, fg);
+}
+
+template <typename scalar_t, typename acc_t>
+void row_statistics_baseline(const scalar_t* base, int64_t plane, int64_t channels, int64_t num_stuff, int64_t width,
+                             acc_t* row_max, acc_t* row_total, acc_t* fg) {
+  row_statistics_body<scalar_t, acc_t>(base, plane, channels, num_stuff, width, row_max, row_total, fg);
+}
+
+template <typename scalar_t, typename acc_t>
+EYECOOL_TARGET_AVX2 void row_gradient_avx2(const scalar_t* base, scalar_t* grad_base, int64_t plane, int64_t channels,
+                                           int64_t num_stuff, int64_t width, const acc_t* max, const acc_t* total,
+                                           const acc_t* fg, const acc_t* grad_fg) {
+  row_gradient_body<scalar_t, acc_t>(base, grad_base, plane, channels, num_stuff, width, max, total, fg, grad_fg);
+}
+
+template <typename scalar_t, typename acc_t>
+void row_gradient_baseline(const scalar_t* base, scalar_t* grad_base, int64_t plane, int64_t channels,
+                           int64_t num_stuff, int64_t width, const acc_t* max, const acc_t* total, const acc_t* fg,
+                           const acc_t* grad_fg) {
+  row_gradient_body<scalar_t, acc_t>(base, grad_base, plane, channels, num_stuff, width, max, total, fg, grad_fg);
+}
+
+// Per-pixel softmax statistics of every image: the fg map and, for the backward, the max and the sum.
 struct PixelStatistics {
-  at::Tensor fg, max, total;  // [N, H, W] acc_t each; max/total undefined when not requested
+  at::Tensor fg, max, total;  // [N, H, W] acc_t each
 };
 
 template <typename scalar_t, typename acc_t>
-PixelStatistics<acc_t> pixel_statistics(const at::Tensor& sem, int64_t num_stuff, bool keep_max_total) {
+PixelStatistics pixel_statistics(const at::Tensor& sem, int64_t num_stuff) {
   const int64_t batch = sem.size(0), channels = sem.size(1), height = sem.size(2), width = sem.size(3);
   const auto acc_options = sem.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  PixelStatistics<acc_t> stats;
-  stats.fg = at::empty({batch, height, width}, acc_options);
-  if (keep_max_total) {
-    stats.max = at::empty({batch, height, width}, acc_options);
-    stats.total = at::empty({batch, height, width}, acc_options);
-  }
+  PixelStatistics stats{at::empty({batch, height, width}, acc_options), at::empty({batch, height, width}, acc_options),
+                        at::empty({batch, height, width}, acc_options)};
   const scalar_t* in = sem.data_ptr<scalar_t>();
-  acc_t* fg = stats.fg.template data_ptr<acc_t>();
-  acc_t* max_out = keep_max_total ? stats.max.template data_ptr<acc_t>() : nullptr;
-  acc_t* total_out = keep_max_total ? stats.total.template data_ptr<acc_t>() : nullptr;
+  acc_t* fg = static_cast<acc_t*>(stats.fg.data_ptr());
+  acc_t* max = static_cast<acc_t*>(stats.max.data_ptr());
+  acc_t* total = static_cast<acc_t*>(stats.total.data_ptr());
   const int64_t plane = height * width;
+  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
-    std::vector<ThingSoftmaxSum<acc_t>> row(width);
     for (int64_t ny = begin; ny < end; ++ny) {
       const int64_t n = ny / height, y = ny % height;
       const scalar_t* base = in + n * channels * plane + y * width;
-      for (int64_t x = 0; x < width; ++x) {
-        row[x] = thing_softmax_start<acc_t>(static_cast<acc_t>(base[x]), 0 >= num_stuff);
-      }
-      for (int64_t c = 1; c < channels; ++c) {
-        const scalar_t* channel_row = base + c * plane;
-        const bool is_thing = c >= num_stuff;
-        for (int64_t x = 0; x < width; ++x) {
-          thing_softmax_add<acc_t>(row[x], static_cast<acc_t>(channel_row[x]), is_thing);
-        }
-      }
       const int64_t offset = n * plane + y * width;
-      for (int64_t x = 0; x < width; ++x) {
-        fg[offset + x] = thing_softmax_fg(row[x]);
-        if (max_out != nullptr) {
-          max_out[offset + x] = row[x].max;
-          total_out[offset + x] = row[x].total;
-        }
+      if (avx2) {
+        row_statistics_avx2<scalar_t, acc_t>(base, plane, channels, num_stuff, width, max + offset, total + offset,
+                                             fg + offset);
+      } else {
+        row_statistics_baseline<scalar_t, acc_t>(base, plane, channels, num_stuff, width, max + offset,
+                                                 total + offset, fg + offset);
       }
     }
   });
   return stats;
 }
 
-// fg pooled to one level: [N, H_l, W_l] acc_t.
-template <typename acc_t>
-at::Tensor pool_to_level(const at::Tensor& fg, int64_t out_h, int64_t out_w) {
-  const int64_t batch = fg.size(0), height = fg.size(1), width = fg.size(2);
-  at::Tensor pooled = at::empty({batch, out_h, out_w}, fg.options());
-  const acc_t* src = fg.data_ptr<acc_t>();
-  acc_t* dst = pooled.data_ptr<acc_t>();
-  at::parallel_for(0, batch * out_h, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t ni = begin; ni < end; ++ni) {
-      const int64_t n = ni / out_h, i = ni % out_h;
-      for (int64_t j = 0; j < out_w; ++j) {
-        dst[ni * out_w + j] = adaptive_bin_mean(src + n * height * width, height, width, i, j, out_h, out_w);
-      }
+// The rows of every level's output grid, numbered across levels, so that one parallel region covers all levels
+// (each region costs a barrier, and the small levels would not fill the threads on their own).
+struct LevelRows {
+  std::vector<int64_t> first_row;  // per level: its first global row; then the total
+  int64_t batch;
+
+  LevelRows(at::TensorList levels, int64_t batch) : batch(batch) {
+    int64_t rows = 0;
+    for (const auto& level : levels) {
+      first_row.push_back(rows);
+      rows += batch * level.size(2);
     }
-  });
-  return pooled;
-}
+    first_row.push_back(rows);
+  }
+  int64_t total() const { return first_row.back(); }
+  // global row -> (level, image, row in the level)
+  std::tuple<size_t, int64_t, int64_t> locate(int64_t row, at::TensorList levels) const {
+    size_t l = 0;
+    while (row >= first_row[l + 1]) ++l;
+    const int64_t local = row - first_row[l], out_h = levels[l].size(2);
+    return {l, local / out_h, local % out_h};
+  }
+};
 
 std::vector<at::Tensor> fg_fusion_forward_cpu(const at::Tensor& sem_logits, at::TensorList rpn_logits,
                                               int64_t num_stuff, c10::string_view mode) {
@@ -99,23 +187,27 @@ std::vector<at::Tensor> fg_fusion_forward_cpu(const at::Tensor& sem_logits, at::
   const at::Tensor sem = sem_logits.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "fg_fusion_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto stats = pixel_statistics<scalar_t, acc_t>(sem, num_stuff, false);
-    for (size_t l = 0; l < rpn_logits.size(); ++l) {
-      const at::Tensor r = rpn_logits[l].contiguous();
-      const int64_t anchors = r.size(1), out_h = r.size(2), out_w = r.size(3);
-      const at::Tensor fg_level = pool_to_level<acc_t>(stats.fg, out_h, out_w);
-      const acc_t* fg_l = fg_level.data_ptr<acc_t>();
-      const scalar_t* src = r.data_ptr<scalar_t>();
-      scalar_t* dst = outputs[l].data_ptr<scalar_t>();
-      const int64_t cells = out_h * out_w;
-      at::parallel_for(0, r.numel(), 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t n = k / (anchors * cells), cell = k % cells;
-          dst[k] = static_cast<scalar_t>(fusion_gate<acc_t>(static_cast<acc_t>(src[k]), prob_mode) *
-                                         fg_l[n * cells + cell]);
+    const PixelStatistics stats = pixel_statistics<scalar_t, acc_t>(sem, num_stuff);
+    std::vector<at::Tensor> levels;
+    for (const auto& r : rpn_logits) levels.push_back(r.contiguous());
+    const LevelRows rows(levels, sem.size(0));
+    const int64_t height = sem.size(2), width = sem.size(3);
+    const acc_t* fg = stats.fg.data_ptr<acc_t>();
+    at::parallel_for(0, rows.total(), 8, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const auto [l, n, i] = rows.locate(row, levels);
+        const int64_t anchors = levels[l].size(1), out_h = levels[l].size(2), out_w = levels[l].size(3);
+        const scalar_t* src = levels[l].data_ptr<scalar_t>();
+        scalar_t* dst = outputs[l].data_ptr<scalar_t>();
+        for (int64_t j = 0; j < out_w; ++j) {
+          const acc_t fg_cell = adaptive_bin_mean(fg + n * height * width, height, width, i, j, out_h, out_w);
+          for (int64_t a = 0; a < anchors; ++a) {
+            const int64_t idx = ((n * anchors + a) * out_h + i) * out_w + j;
+            dst[idx] = static_cast<scalar_t>(fusion_gate<acc_t>(static_cast<acc_t>(src[idx]), prob_mode) * fg_cell);
+          }
         }
-      });
-    }
+      }
+    });
   });
   return outputs;
 }
@@ -140,48 +232,49 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cpu(at::Tenso
   const at::Tensor sem = sem_logits.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "fg_fusion_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto stats = pixel_statistics<scalar_t, acc_t>(sem, num_stuff, true);
+    const PixelStatistics stats = pixel_statistics<scalar_t, acc_t>(sem, num_stuff);
     const int64_t plane = height * width;
     // Per level: the gradient of each pooled cell, already divided by its bin area, [N, H_l, W_l].
-    std::vector<at::Tensor> grad_cells;
+    std::vector<at::Tensor> levels, level_grads, grad_cells;
     std::vector<int64_t> level_h, level_w;
     for (size_t l = 0; l < rpn_logits.size(); ++l) {
-      const at::Tensor r = rpn_logits[l].contiguous();
-      const at::Tensor go = grads[l].contiguous();
-      const int64_t anchors = r.size(1), out_h = r.size(2), out_w = r.size(3), cells = out_h * out_w;
-      const at::Tensor fg_level = pool_to_level<acc_t>(stats.fg, out_h, out_w);
-      at::Tensor grad_cell = at::empty({batch, out_h, out_w}, fg_level.options());
-      const acc_t* fg_l = fg_level.data_ptr<acc_t>();
-      const scalar_t* r_ptr = r.data_ptr<scalar_t>();
-      const scalar_t* go_ptr = go.data_ptr<scalar_t>();
-      scalar_t* gr_ptr = grad_rpn[l].data_ptr<scalar_t>();
-      acc_t* gc_ptr = grad_cell.data_ptr<acc_t>();
-      at::parallel_for(0, batch * cells, 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t n = k / cells, cell = k % cells;
-          const acc_t fg_value = fg_l[k];
+      levels.push_back(rpn_logits[l].contiguous());
+      level_grads.push_back(grads[l].contiguous());
+      level_h.push_back(levels[l].size(2));
+      level_w.push_back(levels[l].size(3));
+      grad_cells.push_back(at::empty({batch, level_h[l], level_w[l]}, stats.fg.options()));
+    }
+    const LevelRows rows(levels, batch);
+    const acc_t* fg_map = stats.fg.data_ptr<acc_t>();
+    at::parallel_for(0, rows.total(), 8, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const auto [l, n, i] = rows.locate(row, levels);
+        const int64_t anchors = levels[l].size(1), out_h = level_h[l], out_w = level_w[l];
+        const scalar_t* r_ptr = levels[l].data_ptr<scalar_t>();
+        const scalar_t* go_ptr = level_grads[l].data_ptr<scalar_t>();
+        scalar_t* gr_ptr = grad_rpn[l].data_ptr<scalar_t>();
+        acc_t* gc_ptr = grad_cells[l].data_ptr<acc_t>() + (n * out_h + i) * out_w;
+        for (int64_t j = 0; j < out_w; ++j) {
+          const acc_t fg_cell = adaptive_bin_mean(fg_map + n * plane, height, width, i, j, out_h, out_w);
           acc_t grad_fg = 0;
           for (int64_t a = 0; a < anchors; ++a) {
-            const int64_t idx = (n * anchors + a) * cells + cell;
+            const int64_t idx = ((n * anchors + a) * out_h + i) * out_w + j;
             const acc_t rv = static_cast<acc_t>(r_ptr[idx]);
             const acc_t g = static_cast<acc_t>(go_ptr[idx]);
-            gr_ptr[idx] = static_cast<scalar_t>(g * fg_value * fusion_gate_grad<acc_t>(rv, prob_mode));
+            gr_ptr[idx] = static_cast<scalar_t>(g * fg_cell * fusion_gate_grad<acc_t>(rv, prob_mode));
             grad_fg += g * fusion_gate<acc_t>(rv, prob_mode);
           }
-          const int64_t i = cell / out_w, j = cell % out_w;
-          gc_ptr[k] = grad_fg / static_cast<acc_t>(adaptive_bin_size(i, height, out_h) *
+          gc_ptr[j] = grad_fg / static_cast<acc_t>(adaptive_bin_size(i, height, out_h) *
                                                    adaptive_bin_size(j, width, out_w));
         }
-      });
-      grad_cells.push_back(grad_cell);
-      level_h.push_back(out_h);
-      level_w.push_back(out_w);
-    }
-    const acc_t* fg = stats.fg.template data_ptr<acc_t>();
+      }
+    });
+    const acc_t* fg = stats.fg.data_ptr<acc_t>();
     const acc_t* max = stats.max.data_ptr<acc_t>();
     const acc_t* total = stats.total.data_ptr<acc_t>();
     const scalar_t* in = sem.data_ptr<scalar_t>();
     scalar_t* out = grad_sem.data_ptr<scalar_t>();
+    const bool avx2 = cpu_has_avx2();
     at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> grad_fg(width);
       for (int64_t ny = begin; ny < end; ++ny) {
@@ -202,15 +295,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cpu(at::Tenso
           }
         }
         const int64_t offset = n * plane + y * width;
-        for (int64_t c = 0; c < channels; ++c) {
-          const bool is_thing = c >= num_stuff;
-          const scalar_t* src = in + (n * channels + c) * plane + y * width;
-          scalar_t* dst = out + (n * channels + c) * plane + y * width;
-          for (int64_t x = 0; x < width; ++x) {
-            dst[x] = static_cast<scalar_t>(thing_softmax_grad<acc_t>(static_cast<acc_t>(src[x]), max[offset + x],
-                                                                     total[offset + x], fg[offset + x],
-                                                                     grad_fg[x], is_thing));
-          }
+        const scalar_t* src = in + n * channels * plane + y * width;
+        scalar_t* dst = out + n * channels * plane + y * width;
+        if (avx2) {
+          row_gradient_avx2<scalar_t, acc_t>(src, dst, plane, channels, num_stuff, width, max + offset,
+                                             total + offset, fg + offset, grad_fg.data());
+        } else {
+          row_gradient_baseline<scalar_t, acc_t>(src, dst, plane, channels, num_stuff, width, max + offset,
+                                                 total + offset, fg + offset, grad_fg.data());
         }
       }
     });

@@ -47,7 +47,9 @@ def check_panoptic_merge_args(sem_logits: Tensor, num_stuff: int, boxes: Tensor,
     for name, t in (("boxes", boxes), ("classes", classes), ("mask_logits", mask_logits)):
         if t.device != sem_logits.device:
             raise ValueError(f"{name} must be on the device of sem_logits ({sem_logits.device}), got {t.device}")
-    if m and (classes.min() < 0 or classes.max() >= channels - num_stuff):
+    # A value check needs the values (a device synchronisation, and a graph break under torch.compile, where the
+    # CPU kernel still checks them and the CUDA kernel reads an out-of-range class as a 0 logit).
+    if m and not torch.compiler.is_compiling() and (classes.min() < 0 or classes.max() >= channels - num_stuff):
         raise ValueError(f"classes must be thing indices in [0, {channels - num_stuff}), got values in "
                          f"[{int(classes.min())}, {int(classes.max())}]")
     return None if output_size is None else pair(output_size, "output_size")

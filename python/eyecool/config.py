@@ -132,8 +132,6 @@ class ModelConfig:
     num_stuff: Optional[int] = None  # S; None: taken from the data set's categories
     num_things: Optional[int] = None  # K; None: taken from the data set's categories
     ops: str = "eyecool"  # eyecool (our kernels) or torchvision (torchvision ops + unfused PyTorch; for benchmarks)
-    pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, images in [0, 1]
-    pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     size_divisibility: int = 32
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)

@@ -17,10 +17,10 @@ TINY_OVERRIDES = [
     f"model.num_stuff={NUM_STUFF}", f"model.num_things={NUM_THINGS}",
     "model.backbone.depth=18", "model.backbone.norm=bn", "model.backbone.freeze_at=0",
     "model.fpn.channels=32", "model.semantic_head.hidden_channels=32", "model.semantic_head.out_channels=16",
-    "model.rpn.batch_size_per_image=64", "model.rpn.pre_nms_topk_train=300", "model.rpn.pre_nms_topk_test=200",
-    "model.rpn.post_nms_topk_train=100", "model.rpn.post_nms_topk_test=50",
-    "model.rpn.anchor_sizes=[16, 32, 64, 128, 256]",
-    "model.roi_heads.batch_size_per_image=64", "model.roi_heads.box_fc_dim=64", "model.roi_heads.mask_conv_dim=32",
+    "model.rpn.batch_size_per_image=64", "model.rpn.pre_nms_topk_train=200", "model.rpn.pre_nms_topk_test=100",
+    "model.rpn.post_nms_topk_train=64", "model.rpn.post_nms_topk_test=32",
+    "model.rpn.anchor_sizes=[8, 16, 32, 64, 128]",
+    "model.roi_heads.batch_size_per_image=32", "model.roi_heads.box_fc_dim=64", "model.roi_heads.mask_conv_dim=16",
     "model.roi_heads.mask_num_conv=2", "model.panoptic.stuff_area_limit=16",
 ]
 
@@ -31,8 +31,8 @@ def tiny_config(*overrides: str):
 
 # (class, x1, y1, x2, y2) per image; colours make classes learnable.
 _INSTANCES = [
-    [(0, 8, 10, 40, 50), (1, 50, 20, 90, 60), (0, 60, 64, 94, 90)],
-    [(1, 12, 8, 60, 40), (0, 70, 50, 120, 90)],
+    [(0, 4, 5, 20, 25), (1, 25, 10, 45, 30), (0, 30, 32, 47, 45)],
+    [(1, 6, 4, 30, 20), (0, 35, 25, 60, 45)],
 ]
 _THING_COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1]])
 _STUFF_COLOURS = torch.tensor([[0.2, 0.2, 0.8], [0.6, 0.6, 0.2], [0.5, 0.3, 0.5]])
@@ -86,8 +86,18 @@ def collate(images: List[torch.Tensor], targets: List[Dict], divisor: int = 32):
 
 @pytest.fixture
 def batch():
-    """Two images of different sizes (96x128 and 128x124) padded to 128x128, with a crowd region in the second."""
+    """Two images of different sizes (48x64 and 64x62) padded to 64x64, with a crowd region in the second."""
     g = torch.Generator().manual_seed(1)
-    a = make_image(_INSTANCES[0], 96, 128, generator=g)
-    b = make_image(_INSTANCES[1], 128, 124, crowd_box=(10, 100, 40, 124), generator=g)
+    a = make_image(_INSTANCES[0], 48, 64, generator=g)
+    b = make_image(_INSTANCES[1], 64, 62, crowd_box=(5, 50, 20, 62), generator=g)
     return collate([a[0], b[0]], [a[1], b[1]])
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """The network tests use tiny tensors, for which one intra-op thread is fastest; on a shared 2-core machine
+    a second OpenMP worker that spins while descheduled made them up to 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,8 +15,8 @@ from eyecool.modeling.rpn import RPN
 @pytest.mark.parametrize("depth, channels", [(18, [64, 128, 256, 512]), (50, [256, 512, 1024, 2048])])
 def test_backbone_shapes(depth, channels):
     backbone = ResNetBackbone(depth=depth, norm="bn", freeze_at=0)
-    outs = backbone(torch.randn(2, 3, 64, 96))
-    assert [tuple(o.shape) for o in outs] == [(2, c, 64 // s, 96 // s) for c, s in zip(channels, (4, 8, 16, 32))]
+    outs = backbone(torch.randn(2, 3, 32, 64))
+    assert [tuple(o.shape) for o in outs] == [(2, c, 32 // s, 64 // s) for c, s in zip(channels, (4, 8, 16, 32))]
 
 
 def test_backbone_freezing_and_local_weights(tmp_path):

@@ -1,5 +1,7 @@
 import torch
 
+import eyecool_ext
+
 from eyecool.modeling.panoptic_head import (choose_kept_instances, panoptic_logits, panoptic_training_target,
                                             paste_mask_logits)
 
@@ -50,9 +52,9 @@ def test_paste_mask_logits_inside_box_only():
     pasted = paste_mask_logits(logits, torch.tensor([[2.0, 1.0, 6.0, 3.0]]), 4, 8)[0]
     assert torch.all(pasted[:, :2] == 0) and torch.all(pasted[:, 6:] == 0) and torch.all(pasted[3] == 0)
     assert torch.all(pasted[0] == 0)
-    # Box pixel centres x = 2.5..5.5 over a 2-wide mask: sampled at mask x = -0.25, 0.25, 0.75, 1.25 (border clamp).
-    assert torch.allclose(pasted[1, 2:6], torch.tensor([0.0, 0.25, 0.75, 1.0]) + 0.0)
-    assert torch.allclose(pasted[2, 2:6], torch.tensor([2.0, 2.25, 2.75, 3.0]))
+    # Box pixel centres x = 2.5..5.5 over a 2-wide mask: sampled at mask x = -0.25, 0.25, 0.75, 1.25 (zero padding).
+    assert torch.allclose(pasted[1, 2:6], torch.tensor([0.0, 0.25, 0.75, 0.75]))
+    assert torch.allclose(pasted[2, 2:6], torch.tensor([1.5, 2.25, 2.75, 2.25]))
 
 
 def test_panoptic_logits_stack_formula():
@@ -72,6 +74,9 @@ def test_panoptic_logits_stack_formula():
     expected_instances = y + paste_mask_logits(masks, boxes, 6, 6)
     assert torch.allclose(stack[S:S + 2], expected_instances)
     assert torch.allclose(stack[-1], sem[S:].max(0).values - y.max(0).values)
+    # The inference merge's reference builds the same stack.
+    reference = eyecool_ext.reference.upsnet_logit_stack(sem, S, boxes, classes, masks)
+    assert torch.allclose(stack, reference, atol=1e-6)
     # No instances: unknown = max thing logit.
     empty = panoptic_logits(sem, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, 4, 4), S)
     assert torch.allclose(empty[-1], sem[S:].max(0).values)

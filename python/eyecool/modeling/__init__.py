@@ -83,5 +83,5 @@ def build_model(cfg, stuff_category_ids: Optional[Sequence[int]] = None,
     return PanopticModel(backbone=backbone, fpn=fpn, semantic_head=semantic_head, rpn=rpn, roi_heads=roi_heads,
                          panoptic_head=panoptic_head, balanced_pyramid=balanced_pyramid,
                          semantic_to_mask=semantic_to_mask, num_stuff=num_stuff, num_things=num_things,
-                         loss_weights=loss_weights, detach_fg=m.rff.detach_fg, pixel_mean=m.pixel_mean,
-                         pixel_std=m.pixel_std, size_divisibility=m.size_divisibility)
+                         loss_weights=loss_weights, detach_fg=m.rff.detach_fg,
+                         size_divisibility=m.size_divisibility)

@@ -55,19 +55,11 @@ class OpBackend:
     fg_fusion: Callable[..., List[Tensor]]
 
 
-def _eyecool_fg_fusion(sem_logits: Tensor, rpn_logits: List[Tensor], num_stuff: int, mode: str = "logit"):
-    return eyecool_ext.ops.fg_fusion(sem_logits, rpn_logits, num_stuff, mode)
-
-
-def _eyecool_deform_conv2d(*args, **kwargs):
-    return eyecool_ext.ops.deform_conv2d(*args, **kwargs)
-
-
 def op_backend(name: str = "eyecool") -> OpBackend:
     """``"eyecool"`` or ``"torchvision"`` -> :class:`OpBackend`."""
     if name == "eyecool":
-        return OpBackend("eyecool", _eyecool_deform_conv2d, eyecool_ext.ops.multilevel_roi_align,
-                         eyecool_ext.ops.roi_align, _eyecool_fg_fusion)
+        return OpBackend("eyecool", eyecool_ext.ops.deform_conv2d, eyecool_ext.ops.multilevel_roi_align,
+                         eyecool_ext.ops.roi_align, eyecool_ext.ops.fg_fusion)
     if name == "torchvision":
         return OpBackend("torchvision", torchvision.ops.deform_conv2d, _torchvision_multilevel_roi_align,
                          torchvision.ops.roi_align, _torchvision_fg_fusion)

@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eyecool.modeling.panoptic_inference import panoptic_inference
+
 
 def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
     """Resample ``[M, s, s]`` mask logits bilinearly into their boxes on an ``height x width`` grid, 0 outside.
 
     boxes ``[M, 4]`` xyxy in the grid's pixel units; a pixel (y, x) is inside when its centre (x + 0.5,
-    y + 0.5) lies in ``[x1, x2) x [y1, y2)``. Returns ``[M, height, width]``.
+    y + 0.5) lies in ``[x1, x2) x [y1, y2)``, and samples the mask at the centre's relative position in the box
+    (bilinear, zero padding, align_corners=False): the convention of the inference merge, so that training and
+    inference see the same logits. Returns ``[M, height, width]``.
     """
     m = mask_logits.shape[0]
     if m == 0:
@@ -32,7 +36,7 @@ def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, height: int, width: in
     gy = 2.0 * (ys.view(1, -1) - y1) / (y2 - y1).clamp(min=1e-6) - 1.0  # [M, H]
     grid = torch.stack([gx.view(m, 1, width).expand(m, height, width),
                         gy.view(m, height, 1).expand(m, height, width)], dim=-1)
-    pasted = F.grid_sample(mask_logits.float().unsqueeze(1), grid, mode="bilinear", padding_mode="border",
+    pasted = F.grid_sample(mask_logits.float().unsqueeze(1), grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False).squeeze(1)
     return pasted * box_masks(boxes, height, width)
 
@@ -180,10 +184,9 @@ class PanopticHead(nn.Module):
 
     @torch.no_grad()
     def inference(self, sem_logits: Tensor, detections: Dict[str, Tensor], output_size: Tuple[int, int]):
-        """One image: sem_logits ``[S + K, H, W]`` at input size, detections (boxes in input pixels, scores,
-        classes, mask_logits) -> ``(panoptic_seg [H0, W0] int64, segments_info)`` at ``output_size``."""
-        from eyecool.modeling.panoptic_inference import panoptic_inference
-
+        """One image: sem_logits ``[S + K, h, w]`` (any scale; resized bilinearly to ``output_size``), detections
+        (``boxes`` in output pixels, ``scores``, ``classes``, ``mask_logits``) -> ``(panoptic_seg [H0, W0] int64,
+        segments_info)`` at ``output_size = (H0, W0)``."""
         return panoptic_inference(sem_logits, detections["boxes"], detections["scores"], detections["classes"],
                                   detections["mask_logits"], self.num_stuff, self.stuff_category_ids,
                                   self.thing_category_ids, output_size=output_size,

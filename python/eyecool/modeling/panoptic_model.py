@@ -53,15 +53,16 @@ class PanopticModel(nn.Module):
         detach_fg: RFF reads detached semantic logits (no RPN gradient into the semantic branch).
         loss_weights: multiplier per loss name (``rpn_cls``, ``rpn_loc``, ``cls``, ``box_reg``, ``mask``, ``sem``,
             ``panoptic``); the returned losses are weighted.
-        pixel_mean, pixel_std: RGB normalisation for images in [0, 1] (uint8 images are divided by 255).
+        size_divisibility: the padded input size is made a multiple of it (the data pipeline already pads to 32).
+
+    Images come normalised by the data pipeline (``eyecool.data.transforms.Normalize``: torchvision's
+    ``(x / 255 - mean) / std``, the convention of its ImageNet weights) and zero-padded.
     """
 
     def __init__(self, *, backbone: ResNetBackbone, fpn: FPN, semantic_head: SemanticHead, rpn: RPN,
                  roi_heads: ROIHeads, panoptic_head: PanopticHead, balanced_pyramid: Optional[BalancedPyramid],
                  semantic_to_mask: Optional[SemanticToMask], num_stuff: int, num_things: int,
-                 loss_weights: Dict[str, float], detach_fg: bool = True,
-                 pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 pixel_std: Sequence[float] = (0.229, 0.224, 0.225), size_divisibility: int = 32):
+                 loss_weights: Dict[str, float], detach_fg: bool = True, size_divisibility: int = 32):
         super().__init__()
         if (balanced_pyramid is None) != (semantic_to_mask is None):
             raise ValueError("DAM is both the balanced pyramid and the semantic-to-mask path: pass both or neither")
@@ -78,22 +79,17 @@ class PanopticModel(nn.Module):
         self.loss_weights = dict(loss_weights)
         self.detach_fg = detach_fg
         self.size_divisibility = size_divisibility
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
 
     # ------------------------------------------------------------------------------------------------ inputs
 
-    def preprocess(self, images: Tensor, image_sizes: Tensor) -> Tensor:
-        """Normalise ``[B, 3, Hp, Wp]`` images and zero their padding (and pad to the size divisibility)."""
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        x = (x - self.pixel_mean) / self.pixel_std
+    def pad(self, images: Tensor) -> Tensor:
+        """Zero-pad ``[B, 3, H, W]`` on the bottom and right to multiples of the size divisibility."""
+        if not images.is_floating_point():
+            raise ValueError(f"images must be normalised floating point tensors (the data pipeline's output), got "
+                             f"{images.dtype}")
         div = self.size_divisibility
-        pad_h, pad_w = (-x.shape[-2]) % div, (-x.shape[-1]) % div
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1) < image_sizes[:, 0].view(-1, 1, 1)
-        cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1) < image_sizes[:, 1].view(-1, 1, 1)
-        return x * (rows & cols).unsqueeze(1).to(x.dtype)
+        pad_h, pad_w = (-images.shape[-2]) % div, (-images.shape[-1]) % div
+        return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
     @staticmethod
     def _sizes_tensor(image_sizes: SizeLike, device: torch.device) -> Tensor:
@@ -113,7 +109,7 @@ class PanopticModel(nn.Module):
         ``image_sizes`` ``[B, 2]`` and ``padded_size`` (Hp, Wp).
         """
         sizes = self._sizes_tensor(image_sizes, images.device)
-        x = self.preprocess(images, sizes)
+        x = self.pad(images)
         pyramid = self.fpn(self.backbone(x))
         sem_logits, sem_feat = self.semantic_head(pyramid[:4])
         if self.balanced_pyramid is not None:
@@ -133,7 +129,7 @@ class PanopticModel(nn.Module):
         """Training: the dict of weighted losses (:data:`LOSS_NAMES`). Evaluation: one result dict per image.
 
         Args:
-            images: ``[B, 3, Hp, Wp]`` RGB in [0, 1] (or uint8), zero-padded; Hp, Wp multiples of 32.
+            images: ``[B, 3, Hp, Wp]`` normalised RGB, zero-padded; Hp, Wp multiples of 32.
             image_sizes: (H, W) of each image before padding (list of pairs or ``[B, 2]``).
             targets (training): per image ``sem_seg [H, W]`` int64 (stuff first, then things, 255 void),
                 ``boxes [M, 4]`` xyxy float, ``classes [M]`` int64 in 0..K-1, ``masks [M, H, W]`` bool/uint8,
@@ -191,9 +187,9 @@ class PanopticModel(nn.Module):
         results = []
         for i, ((h, w), (h0, w0), det) in enumerate(zip(input_sizes, outputs, detections)):
             sem_i = sem_full[i, :, :h, :w]
-            panoptic_seg, segments_info = self.panoptic_head.inference(sem_i, det, (h0, w0))
             scale = torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], device=det["boxes"].device)
             boxes = det["boxes"] * scale
+            panoptic_seg, segments_info = self.panoptic_head.inference(sem_i, dict(det, boxes=boxes), (h0, w0))
             sem_labels = sem_i.argmax(dim=0)
             if (h0, w0) != (h, w):
                 sem_labels = F.interpolate(sem_labels[None, None].float(), size=(h0, w0), mode="nearest")[0, 0].long()

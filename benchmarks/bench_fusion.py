@@ -1,0 +1,80 @@
+"""fg_fusion (RFF) and the UPSNet panoptic merge against the unfused PyTorch they replace.
+
+fg_fusion: two images, 133 classes (53 stuff) on a 128x128 stride-4 map, five RPN levels (128..8 square, A=3),
+forward+backward into both inputs, against softmax + sum + adaptive_avg_pool2d + multiply (the reference).
+upsnet_panoptic_merge: a 512x512 image, 133 classes, 40 instances with 28x28 masks, against the reference that
+materialises the pasted masks and the (53 + 40 + 1)-channel logit stack and takes its argmax; also from 1/4-scale
+logits resized inside the kernel (the reference resizes with F.interpolate first).
+
+    python benchmarks/bench_fusion.py [cpu|cuda]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import markdown_table, measure, row  # noqa: E402
+
+from eyecool_ext import ops, reference  # noqa: E402
+
+NUM_STUFF, NUM_CLASSES = 53, 133
+
+
+def _fusion_step(fn, sem, levels, grads, mode):
+    def run():
+        sem.grad = None
+        for level in levels:
+            level.grad = None
+        torch.autograd.backward(fn(sem, levels, NUM_STUFF, mode), grads)
+    return run
+
+
+def instances(num: int, size: int, device: str, seed: int = 0):
+    """Boxes of 16..256 pixels anywhere in the image, thing classes, 28x28 mask logits."""
+    g = torch.Generator().manual_seed(seed)
+    wh = torch.rand(num, 2, generator=g) * 240 + 16
+    xy = torch.rand(num, 2, generator=g) * (size - wh)
+    boxes = torch.cat([xy, xy + wh], dim=1).to(device)
+    classes = torch.randint(0, NUM_CLASSES - NUM_STUFF, (num,), generator=g).to(device)
+    masks = (torch.randn(num, 28, 28, generator=g) * 3).to(device)
+    return boxes, classes, masks
+
+
+def cases(device: str = "cpu"):
+    rows = []
+    torch.manual_seed(0)
+    sem = torch.randn(2, NUM_CLASSES, 128, 128, device=device, requires_grad=True)
+    levels = [torch.randn(2, 3, s, s, device=device, requires_grad=True) for s in (128, 64, 32, 16, 8)]
+    grads = [torch.randn_like(level) for level in levels]
+    for mode in ("logit", "prob"):
+        rows.append(row("fg_fusion", f"2x133x128x128, 5 levels, {mode}, fwd+bwd", device, "float32",
+                        measure(_fusion_step(ops.fg_fusion, sem, levels, grads, mode), device),
+                        "PyTorch composition", measure(_fusion_step(reference.fg_fusion, sem, levels, grads, mode),
+                                                       device)))
+    with torch.no_grad():
+        rows.append(row("fg_fusion", "2x133x128x128, 5 levels, logit, fwd", device, "float32",
+                        measure(lambda: ops.fg_fusion(sem, levels, NUM_STUFF), device), "PyTorch composition",
+                        measure(lambda: reference.fg_fusion(sem, levels, NUM_STUFF), device)))
+
+    boxes, classes, masks = instances(40, 512, device)
+    full = torch.randn(NUM_CLASSES, 512, 512, device=device)
+    quarter = torch.randn(NUM_CLASSES, 128, 128, device=device)
+    rows.append(row("upsnet_panoptic_merge", "512x512, 133 classes, 40 instances", device, "float32",
+                    measure(lambda: ops.upsnet_panoptic_merge(full, NUM_STUFF, boxes, classes, masks), device),
+                    "materialised stack + argmax",
+                    measure(lambda: reference.upsnet_panoptic_merge(full, NUM_STUFF, boxes, classes, masks), device,
+                            repeat=5)))
+    rows.append(row("upsnet_panoptic_merge", "1/4-scale logits resized to 512x512, 40 instances", device, "float32",
+                    measure(lambda: ops.upsnet_panoptic_merge(quarter, NUM_STUFF, boxes, classes, masks, (512, 512)),
+                            device),
+                    "interpolate + materialised stack + argmax",
+                    measure(lambda: reference.upsnet_panoptic_merge(quarter, NUM_STUFF, boxes, classes, masks,
+                                                                    (512, 512)), device, repeat=5)))
+    return rows
+
+
+if __name__ == "__main__":
+    print(markdown_table(cases(sys.argv[1] if len(sys.argv) > 1 else "cpu")))

@@ -1,0 +1,180 @@
+"""fg_fusion (RFF) against the plain PyTorch composition: softmax, thing sum, adaptive_avg_pool2d, multiply."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eyecool_ext import ops, reference
+from op_tester import DEVICES, assert_close, needs_compiled, to_layout
+
+
+def composition(sem_logits, rpn_logits, num_stuff, mode):
+    """What the op fuses, written out with torch functions only."""
+    fg = torch.softmax(sem_logits, dim=1)[:, num_stuff:].sum(dim=1, keepdim=True)
+    gate = (lambda r: r) if mode == "logit" else torch.sigmoid
+    return [gate(r) * F.adaptive_avg_pool2d(fg, r.shape[-2:]) for r in rpn_logits]
+
+
+def inputs(device, dtype, sem_size=(20, 30), level_sizes=((20, 30), (7, 9), (13, 4), (40, 11)), channels=9,
+           anchors=3, batch=2, scale=3.0):
+    sem = (torch.randn(batch, channels, *sem_size, dtype=dtype, device=device) * scale)
+    levels = [torch.randn(batch, anchors, h, w, dtype=dtype, device=device) for h, w in level_sizes]
+    return sem, levels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["logit", "prob"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_slice"])
+def test_forward_and_backward_match_composition(device, dtype, mode, layout):
+    sem, levels = inputs(device, dtype)
+    sem = to_layout(sem, layout).requires_grad_()
+    levels = [lvl.requires_grad_() for lvl in levels]
+    grads = [torch.randn_like(lvl) for lvl in levels]
+    ours = ops.fg_fusion(sem, levels, 4, mode)
+    expected = composition(sem, levels, 4, mode)
+    for a, b in zip(ours, expected):
+        assert a.shape == b.shape
+        assert_close(a, b)
+    for a, b in zip(torch.autograd.grad(ours, [sem, *levels], grads),
+                    torch.autograd.grad(expected, [sem, *levels], grads)):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["logit", "prob"])
+def test_non_integer_level_ratios(device, mode):
+    """A 13x19 level pooled from a 200x304 map: overlapping bins of unequal sizes; also levels larger than the map."""
+    sem, levels = inputs(device, torch.float64, sem_size=(200, 304), level_sizes=((13, 19), (50, 76), (250, 310)),
+                         channels=5, batch=1)
+    sem.requires_grad_()
+    grads = [torch.randn_like(lvl) for lvl in levels]
+    ours = ops.fg_fusion(sem, levels, 2, mode)
+    expected = composition(sem, levels, 2, mode)
+    for a, b in zip(ours, expected):
+        assert_close(a, b)
+    assert_close(torch.autograd.grad(ours, sem, grads)[0], torch.autograd.grad(expected, sem, grads)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_logits_stay_finite(device):
+    """Online softmax: logits of +-1e4 give exact 0/1 foreground probabilities, no inf or NaN."""
+    sem = torch.full((1, 4, 3, 3), -1e4, device=device)
+    sem[0, 3, 0, 0] = 1e4  # a thing wins by far
+    sem[0, 0, 1, 1] = 1e4  # a stuff class wins by far
+    level = torch.ones(1, 1, 3, 3, device=device)
+    out = ops.fg_fusion(sem, [level], 2)[0]
+    assert torch.isfinite(out).all()
+    assert out[0, 0, 0, 0] == 1.0 and out[0, 0, 1, 1] == 0.0
+    assert_close(out, composition(sem, [level], 2, "logit")[0])
+
+
+def test_reference_is_the_composition():
+    sem, levels = inputs("cpu", torch.float64)
+    for mode in ("logit", "prob"):
+        for a, b in zip(reference.fg_fusion(sem, levels, 3, mode), composition(sem, levels, 3, mode)):
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["logit", "prob"])
+def test_gradcheck(device, mode):
+    sem, levels = inputs(device, torch.float64, sem_size=(6, 7), level_sizes=((3, 4), (4, 3)), channels=5, batch=2,
+                         scale=1.0)
+    sem.requires_grad_()
+    levels = [lvl.requires_grad_() for lvl in levels]
+    assert torch.autograd.gradcheck(lambda s, a, b: tuple(ops.fg_fusion(s, [a, b], 2, mode)), (sem, *levels))
+
+
+def test_backward_is_deterministic_on_cpu_threads():
+    sem, levels = inputs("cpu", torch.float32, sem_size=(33, 40), channels=7)
+    sem.requires_grad_()
+    results = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            sem.grad = None
+            sum(o.sum() for o in ops.fg_fusion(sem, levels, 3, "prob")).backward()
+            results.append(sem.grad.clone())
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision kernels are tested on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cuda(dtype):
+    sem, levels = inputs("cuda", torch.float32)
+    ours = ops.fg_fusion(sem.to(dtype), [lvl.to(dtype) for lvl in levels], 4, "prob")
+    for a, b in zip(ours, composition(sem, levels, 4, "prob")):
+        assert_close(a.float(), b, dtype=dtype)
+
+
+@needs_compiled
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    sem, levels = inputs(device, torch.float32, sem_size=(8, 10), level_sizes=((8, 10), (3, 4)), channels=5)
+    sem.requires_grad_()
+    levels = [lvl.requires_grad_() for lvl in levels]
+    for mode in ("logit", "prob"):
+        torch.library.opcheck(torch.ops.eyecool.fg_fusion.default, (sem, levels, 2, mode))
+    grads = [torch.randn_like(lvl) for lvl in levels]
+    torch.library.opcheck(torch.ops.eyecool._fg_fusion_backward.default,
+                          (grads, sem.detach(), [lvl.detach() for lvl in levels], 2, "prob"))
+
+
+@needs_compiled
+def test_torch_compile_fullgraph():
+    sem, levels = inputs("cpu", torch.float32, sem_size=(8, 12), level_sizes=((8, 12), (4, 6)), channels=6)
+    sem.requires_grad_()
+
+    def loss(s, a, b):
+        fused = ops.fg_fusion(s, [a, b], 3, "prob")
+        return sum(f.square().sum() for f in fused)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    out = compiled(sem, *levels)
+    out.backward()
+    grad = sem.grad.clone()
+    sem.grad = None
+    expected = loss(sem, *levels)
+    expected.backward()
+    assert_close(out, expected)
+    assert_close(grad, sem.grad)
+
+
+def test_detached_semantics_get_no_gradient():
+    sem, levels = inputs("cpu", torch.float32)
+    sem.requires_grad_()
+    levels = [lvl.requires_grad_() for lvl in levels]
+    sum(o.sum() for o in ops.fg_fusion(sem.detach(), levels, 3)).backward()
+    assert sem.grad is None and all(lvl.grad is not None for lvl in levels)
+
+
+def test_bad_input_messages():
+    sem, levels = inputs("cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"rpn_logits\[1\] must have the batch size of sem_logits \(2\)"):
+        ops.fg_fusion(sem, [levels[0], levels[1][:1]], 3)
+    with pytest.raises(ValueError, match=r"num_stuff must be an int in \[0, 9\).*got 9"):
+        ops.fg_fusion(sem, levels, 9)
+    with pytest.raises(ValueError, match=r"num_stuff must be an int in \[0, 9\).*got -1"):
+        ops.fg_fusion(sem, levels, -1)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ops.fg_fusion(sem, levels, 3, "sum")
+    with pytest.raises(ValueError, match=r"sem_logits must be a 4-d Tensor"):
+        ops.fg_fusion(sem[0], levels, 3)
+    with pytest.raises(ValueError, match="rpn_logits must be a non-empty list"):
+        ops.fg_fusion(sem, [], 3)
+    with pytest.raises(ValueError, match=r"rpn_logits\[0\] must have the dtype of sem_logits"):
+        ops.fg_fusion(sem, [levels[0].double()], 3)
+
+
+@needs_compiled
+def test_kernel_checks_its_inputs():
+    sem, levels = inputs("cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="num_stuff must be in"):
+        torch.ops.eyecool.fg_fusion(sem, levels, 9, "logit")
+    with pytest.raises(RuntimeError, match="batch size of sem_logits"):
+        torch.ops.eyecool.fg_fusion(sem, [levels[0][:1]], 3, "logit")
+    with pytest.raises(RuntimeError, match="mode must be"):
+        torch.ops.eyecool.fg_fusion(sem, levels, 3, "sum")

@@ -45,4 +45,7 @@ TORCH_LIBRARY(eyecool, m) {
   m.def(
       "upsnet_panoptic_merge(Tensor sem_logits, int num_stuff, Tensor boxes, Tensor classes, Tensor mask_logits, "
       "SymInt height, SymInt width) -> Tensor");
+  // Panoptic PNG decoding after inflation: the scanlines (filter byte + row bytes, per row) of an 8-bit RGB or
+  // RGBA PNG -> int32 [height, width] segment ids R + 256 G + 256^2 B. CPU only.
+  m.def("panoptic_png_ids(Tensor scanlines, SymInt height, SymInt width, int channels) -> Tensor");
 }

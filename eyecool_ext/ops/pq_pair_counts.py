@@ -14,9 +14,6 @@ from torch import Tensor
 
 from eyecool_ext import _extension, reference
 
-MAX_SEGMENT_ID = 2**31 - 1
-
-
 def _check_id_maps(gt_ids: Tensor, pred_ids: Tensor, dims: int, layout: str) -> None:
     for name, t in (("gt_ids", gt_ids), ("pred_ids", pred_ids)):
         if not isinstance(t, Tensor):

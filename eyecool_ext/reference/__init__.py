@@ -8,9 +8,10 @@ from eyecool_ext.reference.fg_fusion import fg_fusion
 from eyecool_ext.reference.panoptic_merge import (heuristic_panoptic_merge, paste_mask_logits,
                                                   upsnet_logit_stack, upsnet_panoptic_merge,
                                                   upsnet_panoptic_merge_batch)
+from eyecool_ext.reference.panoptic_png_ids import panoptic_png_ids
 from eyecool_ext.reference.pq_pair_counts import batched_pq_pair_counts, pq_pair_counts
 from eyecool_ext.reference.roi_align import fpn_level_index, multilevel_roi_align, roi_align
 
 __all__ = ["roi_align", "multilevel_roi_align", "fpn_level_index", "deform_conv2d", "fg_fusion",
            "upsnet_panoptic_merge", "upsnet_panoptic_merge_batch", "upsnet_logit_stack", "paste_mask_logits",
-           "heuristic_panoptic_merge", "pq_pair_counts", "batched_pq_pair_counts"]
+           "heuristic_panoptic_merge", "pq_pair_counts", "batched_pq_pair_counts", "panoptic_png_ids"]

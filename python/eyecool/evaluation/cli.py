@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("pq", help="panoptic quality (PQ, SQ, RQ) of prediction PNGs",
-                                   description=__doc__.split("\n")[0])
+                                   description="Panoptic quality of a folder of prediction PNGs against the gt, "
+                                               "with panopticapi's rules and numbers.")
     parser.add_argument("--gt-json", required=True, help="gt COCO panoptic JSON")
     parser.add_argument("--gt-dir", default=None, help="gt PNG folder (default: --gt-json without .json)")
     parser.add_argument("--pred-json", required=True, help="prediction COCO panoptic JSON")

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eyecool.evaluation.panoptic_quality import (CategoryTable, ImageStatistics, PQStatistics, format_per_class_table,
-                                                 format_table, match_segments, pair_counts, read_id_map,
-                                                 segment_table, write_summary_json)
+from eyecool.evaluation.panoptic_quality import (CategoryTable, PQStatistics, format_per_class_table, format_table,
+                                                 match_segments, pair_counts, read_id_map, segment_table,
+                                                 write_summary_json)
 
 
 class PanopticEvaluator:
@@ -124,4 +124,4 @@ class PanopticEvaluator:
         return results
 
 
-__all__ = ["PanopticEvaluator", "ImageStatistics"]
+__all__ = ["PanopticEvaluator"]

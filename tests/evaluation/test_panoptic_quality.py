@@ -1,0 +1,245 @@
+"""pq_compute: every panopticapi rule on hand-built images, a randomised comparison with panopticapi itself,
+and the errors for inconsistent data."""
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from eyecool.evaluation import PanopticFormatError, format_table, pq_compute, summary, write_summary_json
+from eyecool.evaluation.panoptic_quality import read_id_map
+from panoptic_data import CATEGORIES, id_map_to_rgb, random_pair, segments_info, write_split
+
+try:
+    from panopticapi.evaluation import pq_compute as panopticapi_pq_compute
+except ImportError:  # the comparisons skip; the hand-computed expectations still run
+    panopticapi_pq_compute = None
+
+needs_panopticapi = pytest.mark.skipif(panopticapi_pq_compute is None, reason="panopticapi-lite not installed")
+
+
+def evaluate(tmp_path, gt_images, pred_images, categories=CATEGORIES, compare=True):
+    gt_json, gt_dir = write_split(str(tmp_path), "gt", gt_images, categories)
+    pred_json, pred_dir = write_split(str(tmp_path), "pred", pred_images, categories)
+    ours = pq_compute(gt_json, pred_json, gt_dir, pred_dir, verbose=False)
+    if compare and panopticapi_pq_compute is not None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            theirs = panopticapi_pq_compute(gt_json, pred_json, gt_dir, pred_dir)
+        assert_same_results(ours, theirs)
+    return ours
+
+
+def assert_same_results(ours, theirs, tol=1e-9):
+    for name in ("All", "Things", "Stuff"):
+        assert ours[name]["n"] == theirs[name]["n"], name
+        for metric in ("pq", "sq", "rq"):
+            assert abs(ours[name][metric] - theirs[name][metric]) <= tol, (name, metric)
+    assert set(ours["per_class"]) == set(theirs["per_class"])
+    for cat_id, r in theirs["per_class"].items():
+        for metric in ("pq", "sq", "rq"):
+            assert abs(ours["per_class"][cat_id][metric] - r[metric]) <= tol, (cat_id, metric)
+
+
+def image(image_id, ids, categories, crowd=None):
+    ids = np.asarray(ids)
+    return {"image_id": image_id, "ids": ids, "segments_info": segments_info(ids, categories, crowd)}
+
+
+def test_iou_of_exactly_one_half_does_not_match(tmp_path):
+    gt = np.full((4, 10), 2)
+    gt[:2, :5] = 1                      # car, 10 px; sky (2) 30 px
+    pred = np.full((4, 10), 8)          # sky prediction: rows 2-3, 20 px
+    pred[:2] = 7                        # car prediction, 20 px: 10 on the car, 10 on sky -> IoU 10/20
+    r = evaluate(tmp_path, [image(1, gt, {1: 2, 2: 10})], [image(1, pred, {7: 2, 8: 10})])
+    assert r["per_class"][2] == {"pq": 0.0, "sq": 0.0, "rq": 0.0}          # FP + FN, no TP
+    assert r["per_class"][10]["pq"] == pytest.approx(2 / 3, abs=1e-12)     # 20 / (20 + 30 - 20)
+    assert r["All"]["n"] == 2 and r["All"]["pq"] == pytest.approx(1 / 3, abs=1e-12)
+    assert r["Things"]["n"] == 1 and r["Stuff"]["n"] == 1
+
+
+def test_iou_just_above_one_half_matches(tmp_path):
+    gt = np.full((4, 10), 2)
+    gt[:2, :5] = 1
+    pred = np.full((4, 10), 8)
+    pred[:2] = 7
+    pred[1, 9] = 0                      # one car-predicted pixel (on sky) becomes void: IoU 10/19
+    r = evaluate(tmp_path, [image(1, gt, {1: 2, 2: 10})], [image(1, pred, {7: 2, 8: 10})])
+    assert r["per_class"][2]["pq"] == pytest.approx(10 / 19, abs=1e-12)
+    assert r["per_class"][2]["rq"] == 1.0
+
+
+def test_pixels_on_gt_void_leave_the_union(tmp_path):
+    gt = np.full((4, 10), 2)
+    gt[0, :] = 1                        # person, 10 px
+    gt[1, :] = 0                        # void, 10 px
+    pred = np.full((4, 10), 9)
+    pred[0, 4:] = 5                     # person prediction: 6 px on the person ...
+    pred[1, :] = 5                      # ... and 10 px on void: IoU 6 / (16 + 10 - 6 - 10) = 0.6, not 6/20
+    pred[0, :4] = 9
+    r = evaluate(tmp_path, [image(1, gt, {1: 1, 2: 10})], [image(1, pred, {5: 1, 9: 10})])
+    assert r["per_class"][1]["pq"] == pytest.approx(0.6, abs=1e-12)
+    assert r["per_class"][1]["rq"] == 1.0
+
+
+def test_crowd_regions_never_match_nor_count_as_misses(tmp_path):
+    gt = np.full((4, 10), 2)
+    gt[:2] = 3                          # a crowd of cars, 20 px; sky 20 px
+    pred = np.full((4, 10), 11)
+    pred[:2, :] = 9                     # car prediction: 20 px, all on the car crowd -> ignored
+    pred[2, :3] = 10                    # person prediction on sky: a false positive
+    r = evaluate(tmp_path, [image(1, gt, {3: 2, 2: 10}, crowd={3: 1})],
+                 [image(1, pred, {9: 2, 10: 1, 11: 10})])
+    assert r["per_class"][2] == {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+    assert r["Things"]["n"] == 1                       # only the person (FP) counts; the car is left out
+    assert r["per_class"][1]["rq"] == 0.0
+    assert r["per_class"][10]["pq"] == pytest.approx(17 / 20, abs=1e-12)
+
+
+def test_prediction_mostly_on_void_is_ignored_exactly_half_is_not(tmp_path):
+    gt = np.full((4, 10), 2)
+    gt[0] = 0                           # void row
+    pred = np.full((4, 10), 8)
+    pred[0, :6] = 4                     # road prediction: 6 px, all void -> ignored
+    pred[0, 6:] = 5                     # car prediction: 4 px on void + 4 px on sky = exactly half -> FP
+    pred[1, 6:] = 5
+    r = evaluate(tmp_path, [image(1, gt, {2: 10})], [image(1, pred, {4: 11, 5: 2, 8: 10})])
+    assert r["per_class"][11] == {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+    assert r["Stuff"]["n"] == 1                        # road ignored: left out
+    assert r["Things"]["n"] == 1 and r["per_class"][2]["rq"] == 0.0
+
+
+def test_last_crowd_segment_of_a_category_is_the_one_that_counts(tmp_path):
+    gt = np.full((4, 10), 2)
+    gt[0] = 3                           # first car crowd
+    gt[3] = 4                           # second car crowd (listed last)
+    pred = np.full((4, 10), 8)
+    pred[0] = 6                         # car prediction on the first crowd only: panopticapi counts it
+    r = evaluate(tmp_path, [image(1, gt, {2: 10, 3: 2, 4: 2}, crowd={3: 1, 4: 1})],
+                 [image(1, pred, {6: 2, 8: 10})])
+    assert r["per_class"][2]["rq"] == 0.0 and r["Things"]["n"] == 1     # a false positive
+
+
+def test_categories_absent_from_both_sides_are_left_out(tmp_path):
+    gt = np.full((3, 3), 2)
+    pred = np.full((3, 3), 5)
+    # panopticapi raises ZeroDivisionError for the empty Things average: nothing to compare with.
+    r = evaluate(tmp_path, [image(1, gt, {2: 11})], [image(1, pred, {5: 11})], compare=False)
+    assert r["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 1}
+    assert r["Things"]["n"] == 0 and r["Things"]["pq"] == 0.0           # panopticapi divides by zero here
+    assert set(r["per_class"]) == {1, 2, 10, 11}
+
+
+@needs_panopticapi
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_data_matches_panopticapi(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    pairs = [random_pair(rng, image_id) for image_id in range(12)]
+    gt_json, gt_dir = write_split(str(tmp_path), "gt", [g for g, _ in pairs])
+    pred_json, pred_dir = write_split(str(tmp_path), "pred", [p for _, p in pairs])
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = panopticapi_pq_compute(gt_json, pred_json, gt_dir, pred_dir)
+    ours = pq_compute(gt_json, pred_json, gt_dir, pred_dir, verbose=False)
+    assert_same_results(ours, theirs)
+    assert ours["All"]["n"] >= 3  # the data exercises matches, misses and false positives
+    assert 0.0 < ours["All"]["pq"] < 1.0
+
+
+def test_folder_defaults_and_printed_table(tmp_path, capsys):
+    gt = np.full((3, 4), 2)
+    json_gt, _ = write_split(str(tmp_path), "gt", [image(1, gt, {2: 10})])
+    json_pred, _ = write_split(str(tmp_path), "pred", [image(1, gt * 3, {6: 10})])
+    r = pq_compute(json_gt, json_pred)  # folders default to the JSON paths without .json
+    out = capsys.readouterr().out
+    assert "All" in out and "Things" in out and "Stuff" in out and "PQ" in out
+    assert r["Stuff"]["pq"] == 1.0
+    assert format_table(r).splitlines()[2].startswith("All       | 100.0")
+
+
+def test_summary_json_keys(tmp_path):
+    results = {"All": {"pq": 0.5, "sq": 0.75, "rq": 0.25, "n": 2}, "Things": {"pq": 0.1, "sq": 0.2, "rq": 0.3, "n": 1},
+               "Stuff": {"pq": 0.4, "sq": 0.5, "rq": 0.6, "n": 1}, "per_class": {1: {"pq": 0.1, "sq": 0.2, "rq": 0.3}}}
+    assert summary(results) == pytest.approx({"PQ": 50.0, "SQ": 75.0, "RQ": 25.0, "PQ_th": 10.0, "SQ_th": 20.0,
+                                              "RQ_th": 30.0, "PQ_st": 40.0, "SQ_st": 50.0, "RQ_st": 60.0})
+    path = str(tmp_path / "out" / "pq.json")
+    write_summary_json(results, path, per_class=True)
+    with open(path) as f:
+        written = json.load(f)
+    assert written["PQ_th"] == pytest.approx(10.0) and written["per_class"]["1"]["PQ"] == pytest.approx(10.0)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+def two_segment_case():
+    gt = np.full((4, 6), 2)
+    gt[:2] = 1
+    pred = gt * 10
+    return image(7, gt, {1: 1, 2: 10}), image(7, pred, {10: 1, 20: 10})
+
+
+def run_case(tmp_path, gt_image, pred_image):
+    gt_json, gt_dir = write_split(str(tmp_path), "gt", [gt_image])
+    pred_json, pred_dir = write_split(str(tmp_path), "pred", [pred_image])
+    return pq_compute(gt_json, pred_json, gt_dir, pred_dir, verbose=False)
+
+
+def test_segment_in_prediction_png_but_not_its_json(tmp_path):
+    gt_image, pred_image = two_segment_case()
+    pred_image["segments_info"] = pred_image["segments_info"][:1]
+    with pytest.raises(PanopticFormatError, match="image 7: prediction segment 20 is in the PNG but not in"):
+        run_case(tmp_path, gt_image, pred_image)
+
+
+def test_segment_in_prediction_json_but_not_its_png(tmp_path):
+    gt_image, pred_image = two_segment_case()
+    pred_image["segments_info"].append({"id": 99, "category_id": 1, "iscrowd": 0})
+    with pytest.raises(PanopticFormatError, match="image 7: prediction segment 99 is in segments_info but not in"):
+        run_case(tmp_path, gt_image, pred_image)
+
+
+def test_gt_png_and_json_must_agree_too(tmp_path):
+    gt_image, pred_image = two_segment_case()
+    gt_image["segments_info"] = gt_image["segments_info"][1:]
+    with pytest.raises(PanopticFormatError, match="image 7: gt segment 1 is in the PNG but not in"):
+        run_case(tmp_path, gt_image, pred_image)
+
+
+def test_unknown_category(tmp_path):
+    gt_image, pred_image = two_segment_case()
+    pred_image["segments_info"][1]["category_id"] = 555
+    with pytest.raises(PanopticFormatError, match="image 7: prediction segment 20 has unknown category_id 555"):
+        run_case(tmp_path, gt_image, pred_image)
+
+
+def test_png_size_differs_from_gt(tmp_path):
+    gt_image, pred_image = two_segment_case()
+    pred_image["ids"] = np.pad(pred_image["ids"], ((0, 1), (0, 0)), mode="edge")
+    with pytest.raises(PanopticFormatError, match=r"image 7: the prediction is \(6, 5\) \(width, height\) but the "
+                                                  r"gt is \(6, 4\)"):
+        run_case(tmp_path, gt_image, pred_image)
+
+
+def test_missing_png_and_missing_prediction(tmp_path):
+    gt_image, pred_image = two_segment_case()
+    gt_json, gt_dir = write_split(str(tmp_path), "gt", [gt_image])
+    pred_json, pred_dir = write_split(str(tmp_path), "pred", [pred_image])
+    os.remove(os.path.join(pred_dir, "000007.png"))
+    with pytest.raises(FileNotFoundError, match="image 7: panoptic PNG .*000007.png does not exist"):
+        pq_compute(gt_json, pred_json, gt_dir, pred_dir, verbose=False)
+    with open(pred_json, "w") as f:
+        json.dump({"annotations": [], "categories": CATEGORIES}, f)
+    with pytest.raises(ValueError, match="no prediction for the image with id: 7"):
+        pq_compute(gt_json, pred_json, gt_dir, pred_dir, verbose=False)
+    with pytest.raises(FileNotFoundError, match="doesn't exist"):
+        pq_compute(gt_json, pred_json, gt_dir, str(tmp_path / "nowhere"), verbose=False)
+
+
+def test_read_id_map_falls_back_to_pil_for_other_png_kinds(tmp_path):
+    ids = np.array([[0, 1, 2], [300, 70000, 5]])
+    rgba = np.concatenate([id_map_to_rgb(ids), np.full((2, 3, 1), 255, np.uint8)], axis=-1)
+    from PIL import Image
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")          # fast path (colour type 6)
+    Image.fromarray(id_map_to_rgb(ids)).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "palette.png")
+    assert np.array_equal(read_id_map(str(tmp_path / "rgba.png")), ids)
+    assert np.array_equal(read_id_map(str(tmp_path / "palette.png")), ids)

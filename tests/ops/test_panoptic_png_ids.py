@@ -1,0 +1,120 @@
+"""panoptic_png_ids / decode_panoptic_png: every PNG filter type against a numpy encoder, and whole PNGs
+against PIL."""
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eyecool_ext import ops, reference
+from op_tester import needs_compiled
+
+
+def paeth(a, b, c):
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def filter_scanlines(pixels: np.ndarray, filters) -> torch.Tensor:
+    """PNG encoder side: [H, W, C] uint8 pixels and one filter type per row -> filtered scanlines."""
+    height, width, channels = pixels.shape
+    x = pixels.reshape(height, width * channels).astype(np.int64)
+    out = []
+    for y in range(height):
+        row = x[y]
+        prior = x[y - 1] if y > 0 else np.zeros_like(row)
+        left = np.concatenate([np.zeros(channels, np.int64), row[:-channels]])
+        upper_left = np.concatenate([np.zeros(channels, np.int64), prior[:-channels]])
+        predicted = {0: 0, 1: left, 2: prior, 3: (left + prior) // 2, 4: paeth(left, prior, upper_left)}[filters[y]]
+        out.append(np.concatenate([[filters[y]], (row - predicted) % 256]))
+    return torch.from_numpy(np.concatenate(out).astype(np.uint8))
+
+
+def expected_ids(pixels):
+    p = pixels.astype(np.int64)
+    return p[..., 0] + 256 * p[..., 1] + 65536 * p[..., 2]
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_every_filter_type_round_trips(channels):
+    rng = np.random.default_rng(channels)
+    # Flat blocks (the Paeth shortcut) and noise (the full predictor), each row with its own filter.
+    pixels = np.repeat(np.repeat(rng.integers(0, 256, (4, 3, channels)), 3, 0), 4, 1).astype(np.uint8)
+    pixels[rng.random(pixels.shape[:2]) < 0.2] = rng.integers(0, 256, channels)
+    filters = [0, 1, 2, 3, 4, 4, 3, 2, 1, 0, 4, 4]
+    scanlines = filter_scanlines(pixels, filters)
+    ids = ops.panoptic_png_ids(scanlines, 12, 12, channels)
+    assert ids.dtype == torch.int32 and ids.shape == (12, 12)
+    assert np.array_equal(ids.numpy(), expected_ids(pixels))
+    assert torch.equal(reference.panoptic_png_ids(scanlines, 12, 12, channels), ids)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+@pytest.mark.parametrize("compress_level", [0, 1, 6, 9])
+def test_decode_matches_pil(mode, compress_level):
+    rng = np.random.default_rng(compress_level)
+    ids = rng.integers(0, 2**24, (5, 6))[np.repeat(np.arange(5), 8)[:, None] % 5, np.arange(37)[None] % 6]
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    image = Image.fromarray(rgb).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    decoded = ops.decode_panoptic_png(buffer.getvalue())
+    assert np.array_equal(decoded.numpy(), ids)
+
+
+def test_unsupported_pngs_are_reported():
+    for image in (Image.new("L", (4, 3)), Image.new("I;16", (4, 3)), Image.new("P", (4, 3))):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        with pytest.raises(ops.UnsupportedPNG, match="only 8-bit non-interlaced RGB or RGBA"):
+            ops.decode_panoptic_png(buffer.getvalue())
+    with pytest.raises(ops.UnsupportedPNG, match="not a PNG"):
+        ops.decode_panoptic_png(b"GIF89a")
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    start = data.index(b"IDAT") + 4
+    truncated = data[:start] + data[start:start + 5] + data[-12:]
+    with pytest.raises(ops.UnsupportedPNG):
+        ops.decode_panoptic_png(truncated)
+
+
+def test_bad_input_messages():
+    with pytest.raises(ValueError, match="scanlines must be a 1-d uint8 tensor"):
+        ops.panoptic_png_ids(torch.zeros(10, dtype=torch.int32), 1, 3, 3)
+    with pytest.raises(ValueError, match="channels must be 3 \\(RGB\\) or 4 \\(RGBA\\), got 2"):
+        ops.panoptic_png_ids(torch.zeros(10, dtype=torch.uint8), 1, 3, 2)
+    with pytest.raises(ValueError, match="needs 20 bytes of scanlines, got 19"):
+        ops.panoptic_png_ids(torch.zeros(19, dtype=torch.uint8), 2, 3, 3)
+    bad_filter = torch.zeros(10, dtype=torch.uint8)
+    bad_filter[0] = 7
+    with pytest.raises((RuntimeError, ValueError), match="row 0 has unknown filter type 7"):
+        ops.panoptic_png_ids(bad_filter, 1, 3, 3)
+
+
+@needs_compiled
+def test_opcheck():
+    scanlines = filter_scanlines(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3), [1, 4])
+    torch.library.opcheck(torch.ops.eyecool.panoptic_png_ids.default, (scanlines, 2, 3, 3))
+
+
+def test_decoding_without_the_compiled_extension():
+    """With _C unimportable, decode_panoptic_png decodes with PIL and gives the same ids."""
+    code = (
+        "import sys, io, warnings; sys.modules['eyecool_ext._C'] = None\n"
+        "warnings.simplefilter('ignore')\n"
+        "import numpy as np; from PIL import Image; import eyecool_ext\n"
+        "assert not eyecool_ext.compiled()\n"
+        "ids = np.arange(12 * 9).reshape(12, 9) * 1234567 % 2**24\n"
+        "rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)\n"
+        "buf = io.BytesIO(); Image.fromarray(rgb).save(buf, format='PNG')\n"
+        "assert np.array_equal(eyecool_ext.ops.decode_panoptic_png(buf.getvalue()).numpy(), ids)\n"
+        "print('fallback ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "fallback ok" in res.stdout

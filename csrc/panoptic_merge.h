@@ -133,23 +133,29 @@ EYECOOL_HD SemanticPixel<T, scalar_t> semantic_pixel(const scalar_t* data, int64
   return s;
 }
 
-// The panoptic label of pixel (px, py). sem(c) gives the semantic logit of channel c at the pixel; boxes is
-// [M, 4], classes [M] (a class outside [0, K) reads as a 0 semantic logit instead of out of bounds), masks
-// [M, mask_h, mask_w].
-template <typename T, typename Sem, typename scalar_t>
-EYECOOL_HD int64_t upsnet_pixel_label(const Sem& sem, int64_t channels, int64_t num_stuff, const scalar_t* boxes,
-                                      const int64_t* classes, const scalar_t* masks, int64_t num_instances,
-                                      int64_t mask_h, int64_t mask_w, int64_t px, int64_t py) {
-  StackArgmax<T> best{T(0), -1};
+// The semantic part of the stack at one pixel: offers the stuff logits X[0..S-1] to `best` and returns
+// max_{t >= S} X[t]. sem(c) gives the semantic logit of channel c at the pixel.
+template <typename T, typename Sem>
+EYECOOL_HD T upsnet_semantic_candidates(const Sem& sem, int64_t channels, int64_t num_stuff, StackArgmax<T>& best) {
   for (int64_t c = 0; c < num_stuff; ++c) stack_argmax_offer(best, sem(c), c);
   T thing_max = sem(num_stuff);
   for (int64_t c = num_stuff + 1; c < channels; ++c) {
     const T v = sem(c);
     thing_max = v > thing_max ? v : thing_max;
   }
+  return thing_max;
+}
+
+// The rest of the stack at pixel (px, py), given `best` over the stuff logits and the pixel's max thing logit:
+// the instances and the unknown logit. Returns the label. boxes is [M, 4], classes [M] (a class outside
+// [0, K) reads as a 0 semantic logit instead of out of bounds), masks [M, mask_h, mask_w].
+template <typename T, typename Sem, typename scalar_t>
+EYECOOL_HD int64_t upsnet_instance_candidates(const Sem& sem, StackArgmax<T> best, T thing_max, int64_t channels,
+                                              int64_t num_stuff, const scalar_t* boxes, const int64_t* classes,
+                                              const scalar_t* masks, int64_t num_instances, int64_t mask_h,
+                                              int64_t mask_w, int64_t px, int64_t py) {
   // max_i Y_i counts the zeros of the boxes that do not hold the pixel; with no instance it is 0.
   T max_y = T(0);
-  bool any_y = false;
   const T cx = static_cast<T>(px) + T(0.5), cy = static_cast<T>(py) + T(0.5);
   for (int64_t i = 0; i < num_instances; ++i) {
     const T x1 = static_cast<T>(boxes[i * 4 + 0]), y1 = static_cast<T>(boxes[i * 4 + 1]);
@@ -161,12 +167,22 @@ EYECOOL_HD int64_t upsnet_pixel_label(const Sem& sem, int64_t channels, int64_t 
       const T iy = mask_source_coord(cy, y1, y2, mask_h), ix = mask_source_coord(cx, x1, x2, mask_w);
       value = y + mask_bilinear_zeros<T>(masks + i * mask_h * mask_w, mask_h, mask_w, iy, ix);
     }
-    max_y = (!any_y || y > max_y) ? y : max_y;
-    any_y = true;
+    max_y = (i == 0 || y > max_y) ? y : max_y;
     stack_argmax_offer(best, value, num_stuff + i);
   }
   stack_argmax_offer(best, thing_max - max_y, num_stuff + num_instances);
   return best.label;
+}
+
+// The panoptic label of pixel (px, py): the argmax of the whole stack (what the CUDA kernel runs per thread).
+template <typename T, typename Sem, typename scalar_t>
+EYECOOL_HD int64_t upsnet_pixel_label(const Sem& sem, int64_t channels, int64_t num_stuff, const scalar_t* boxes,
+                                      const int64_t* classes, const scalar_t* masks, int64_t num_instances,
+                                      int64_t mask_h, int64_t mask_w, int64_t px, int64_t py) {
+  StackArgmax<T> best{T(0), -1};
+  const T thing_max = upsnet_semantic_candidates<T>(sem, channels, num_stuff, best);
+  return upsnet_instance_candidates<T>(sem, best, thing_max, channels, num_stuff, boxes, classes, masks,
+                                       num_instances, mask_h, mask_w, px, py);
 }
 
 // ---- input checks (host only), shared by the CPU and CUDA entry points ----

@@ -1,11 +1,15 @@
-// UPSNet panoptic merge on the CPU: parallel over output rows, one call of the shared per-pixel decision
-// (panoptic_merge.h, the code the CUDA kernel runs) per pixel. A pixel reads its C channels at a stride of one
-// plane; walking a row keeps those C cache lines hot for the next pixels, so nothing is transposed or
-// materialised: no [S + M + 1, H, W] stack, no pasted masks, no resized logits.
+// UPSNet panoptic merge on the CPU, parallel over output rows. Per row, the semantic part of the stack (the stuff
+// argmax and the max thing logit) runs with the channel loop outside and the pixel loop inside, reading each
+// channel's row contiguously (resized on the fly with per-pixel taps computed once per row); then every pixel
+// finishes with the shared instance/unknown decision (panoptic_merge.h, the code the CUDA kernel runs). The
+// offers are made in the same order and with the same arithmetic as the per-pixel function, so the labels are
+// identical. Nothing is materialised: no [S + M + 1, H, W] stack, no pasted masks, no resized logits.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "panoptic_merge.h"
 
@@ -33,15 +37,34 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
   int64_t* out = labels.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "upsnet_panoptic_merge_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using Pixel = SemanticPixel<acc_t, scalar_t>;
     const scalar_t* sem_ptr = sem.data_ptr<scalar_t>();
     const scalar_t* box_ptr = boxes.data_ptr<scalar_t>();
     const scalar_t* mask_ptr = masks.data_ptr<scalar_t>();
     at::parallel_for(0, height, 1, [&](int64_t begin, int64_t end) {
+      std::vector<Pixel> pixels(width);
+      std::vector<StackArgmax<acc_t>> best(width);
+      std::vector<acc_t> thing_max(width);
       for (int64_t py = begin; py < end; ++py) {
         for (int64_t px = 0; px < width; ++px) {
-          const auto pixel = semantic_pixel<acc_t, scalar_t>(sem_ptr, in_h, in_w, height, width, px, py);
-          out[py * width + px] = upsnet_pixel_label<acc_t>(pixel, channels, num_stuff, box_ptr, cls, mask_ptr,
-                                                           num_instances, mask_h, mask_w, px, py);
+          pixels[px] = semantic_pixel<acc_t, scalar_t>(sem_ptr, in_h, in_w, height, width, px, py);
+          best[px] = StackArgmax<acc_t>{acc_t(0), -1};
+        }
+        // The semantic candidates of upsnet_semantic_candidates, channel by channel for the whole row.
+        for (int64_t c = 0; c < num_stuff; ++c) {
+          for (int64_t px = 0; px < width; ++px) stack_argmax_offer(best[px], pixels[px](c), c);
+        }
+        for (int64_t px = 0; px < width; ++px) thing_max[px] = pixels[px](num_stuff);
+        for (int64_t c = num_stuff + 1; c < channels; ++c) {
+          for (int64_t px = 0; px < width; ++px) {
+            const acc_t v = pixels[px](c);
+            thing_max[px] = v > thing_max[px] ? v : thing_max[px];
+          }
+        }
+        for (int64_t px = 0; px < width; ++px) {
+          out[py * width + px] = upsnet_instance_candidates<acc_t>(pixels[px], best[px], thing_max[px], channels,
+                                                                   num_stuff, box_ptr, cls, mask_ptr, num_instances,
+                                                                   mask_h, mask_w, px, py);
         }
       }
     });

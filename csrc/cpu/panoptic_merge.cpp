@@ -50,16 +50,24 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
           pixels[px] = semantic_pixel<acc_t, scalar_t>(sem_ptr, in_h, in_w, height, width, px, py);
           best[px] = StackArgmax<acc_t>{acc_t(0), -1};
         }
-        // The semantic candidates of upsnet_semantic_candidates, channel by channel for the whole row.
-        for (int64_t c = 0; c < num_stuff; ++c) {
-          for (int64_t px = 0; px < width; ++px) stack_argmax_offer(best[px], pixels[px](c), c);
-        }
-        for (int64_t px = 0; px < width; ++px) thing_max[px] = pixels[px](num_stuff);
-        for (int64_t c = num_stuff + 1; c < channels; ++c) {
-          for (int64_t px = 0; px < width; ++px) {
-            const acc_t v = pixels[px](c);
-            thing_max[px] = v > thing_max[px] ? v : thing_max[px];
+        // The semantic candidates of upsnet_semantic_candidates, channel by channel for the whole row, with the
+        // arithmetic of SemanticPixel::operator() (a direct read, or w00 * p00 + w01 * p01 + w10 * p10 + w11 * p11).
+        const bool resized = in_h != height || in_w != width;
+        const int64_t plane = in_h * in_w;
+        const auto for_channel_row = [&](int64_t c, auto&& consume) {
+          if (!resized) {
+            const scalar_t* row = sem_ptr + c * plane + py * in_w;
+            for (int64_t px = 0; px < width; ++px) consume(px, static_cast<acc_t>(row[px]));
+          } else {
+            for (int64_t px = 0; px < width; ++px) consume(px, pixels[px](c));
           }
+        };
+        for (int64_t c = 0; c < num_stuff; ++c) {
+          for_channel_row(c, [&](int64_t px, acc_t v) { stack_argmax_offer(best[px], v, c); });
+        }
+        for_channel_row(num_stuff, [&](int64_t px, acc_t v) { thing_max[px] = v; });
+        for (int64_t c = num_stuff + 1; c < channels; ++c) {
+          for_channel_row(c, [&](int64_t px, acc_t v) { thing_max[px] = v > thing_max[px] ? v : thing_max[px]; });
         }
         for (int64_t px = 0; px < width; ++px) {
           out[py * width + px] = upsnet_instance_candidates<acc_t>(pixels[px], best[px], thing_max[px], channels,

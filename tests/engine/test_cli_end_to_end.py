@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("eyecool.modeling")
 pytest.importorskip("eyecool.evaluation")
@@ -64,3 +66,18 @@ def test_synth_train_eval_predict(tmp_path):
     stem = image.stem
     for suffix in ("_panoptic.png", "_segments.json", "_vis.png"):
         assert (predict_out / (stem + suffix)).is_file(), suffix
+    # predict preprocesses an image file exactly as evaluation does: the same segment map.
+    predicted = np.asarray(Image.open(predict_out / (stem + "_panoptic.png")))
+    evaluated = np.asarray(Image.open(eval_out / "predictions" / (stem + ".png")))
+    assert np.array_equal(predicted, evaluated)
+
+
+def test_training_images_are_normalised(tmp_path):
+    from eyecool.config import load_config
+    from eyecool.engine.api import build_dataset
+
+    eyecool("synth", "--out", str(tmp_path), "--num-train", "2", "--num-val", "1", "--size", "64")
+    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), TINY + [f"data.root={tmp_path}"])
+    image = build_dataset(cfg, "train")[0]["image"]
+    assert image.shape == (3, 64, 64) and image.dtype.is_floating_point
+    assert image.min() < -0.5  # (x / 255 - mean) / std, not 0..1

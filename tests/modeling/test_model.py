@@ -153,3 +153,12 @@ def test_torchvision_backend_computes_the_same_network(batch):
         feats = a["instance_features"][:4]
         assert torch.allclose(pool_rois(op_backend("eyecool"), feats, rois, 7, scales),
                               pool_rois(op_backend("torchvision"), feats, rois, 7, scales), atol=1e-5)
+
+
+def test_class_counts_come_from_the_data_set_when_unset():
+    cfg = tiny_config("model.num_stuff=null", "model.num_things=null", "model.backbone.norm=gn")
+    model = build_model(cfg, STUFF_IDS, THING_IDS)
+    assert (model.num_stuff, model.num_things) == (len(STUFF_IDS), len(THING_IDS))
+    assert model.semantic_head.classifier.out_channels == len(STUFF_IDS) + len(THING_IDS)
+    with pytest.raises(ValueError, match="num_stuff"):
+        build_model(cfg)

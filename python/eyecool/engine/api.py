@@ -50,13 +50,14 @@ def split_files(cfg, split: str) -> Tuple[str, str, str]:
 
 
 def build_transforms(cfg, is_train: bool):
-    """Resize (and flip in training). No normalisation here: the model normalises its input itself
-    (``model.pixel_mean`` / ``pixel_std``), so the loader hands it 0..1 images."""
-    from eyecool.data import Compose, RandomHorizontalFlip, ResizeShortestEdge
+    """Resize (and flip in training), then normalise with torchvision's ImageNet statistics: the network
+    expects normalised images (the convention of the ImageNet weights it loads)."""
+    from eyecool.data import Compose, Normalize, RandomHorizontalFlip, ResizeShortestEdge
 
     steps = [ResizeShortestEdge((cfg.data.min_size,), cfg.data.max_size)]
     if is_train and cfg.data.flip:
         steps.append(RandomHorizontalFlip(0.5))
+    steps.append(Normalize())
     return Compose(steps)
 
 
@@ -303,7 +304,7 @@ def predict(cfg, weights: str, images: Sequence[ImageLike], batch_size: int = 1)
         items = []
         for array in chunk:
             tensor, _ = transforms(torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), {})
-            items.append({"image": tensor.float() / 255.0})
+            items.append({"image": tensor})
         batch_images, sizes, _ = collate_panoptic(items)
         outputs = model(batch_images.to(ctx.device), sizes, orig_sizes=[a.shape[:2] for a in chunk])
         for array, output in zip(chunk, outputs):

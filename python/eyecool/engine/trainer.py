@@ -112,7 +112,9 @@ class Trainer:
         path = path or (last_checkpoint_path(self.out_dir) if self.out_dir else None)
         if path is None:
             return False
-        state = load_checkpoint(path, map_location=self.ctx.device)
+        # On the CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest to the parameters'
+        # device.
+        state = load_checkpoint(path, map_location="cpu")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

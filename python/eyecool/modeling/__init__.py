@@ -2,6 +2,7 @@
 place that reads the model configuration."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 from eyecool.config import Config, ModelConfig
@@ -42,6 +43,10 @@ def build_model(cfg, stuff_category_ids: Optional[Sequence[int]] = None,
     if len(stuff_ids) != num_stuff or len(thing_ids) != num_things:
         raise ValueError(f"got {len(stuff_ids)} stuff and {len(thing_ids)} thing category ids for "
                          f"model.num_stuff={num_stuff}, model.num_things={num_things}")
+    if m.backbone.norm == "frozen_bn" and not m.backbone.weights:
+        warnings.warn("model.backbone.norm=frozen_bn without model.backbone.weights: the backbone's BatchNorm layers "
+                      "are identities and its activations grow unnormalised; train from scratch with norm=bn or gn",
+                      RuntimeWarning, stacklevel=2)
     backend = op_backend(m.ops)
     channels = m.fpn.channels
     backbone = ResNetBackbone(depth=m.backbone.depth, norm=m.backbone.norm, freeze_at=m.backbone.freeze_at,

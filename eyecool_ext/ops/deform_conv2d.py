@@ -133,7 +133,7 @@ class DeformConv2d(nn.Module):
         return s
 
 
-if _extension.compiled() and _extension.has_op("deform_conv2d"):
+if _extension.has_op("deform_conv2d"):
 
     def _output_size(input, weight, stride, padding, dilation):
         out_h = (input.size(2) + 2 * padding[0] - (dilation[0] * (weight.size(2) - 1) + 1)) // stride[0] + 1

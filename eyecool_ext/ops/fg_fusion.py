@@ -40,7 +40,7 @@ def fg_fusion(sem_logits: Tensor, rpn_logits: Sequence[Tensor], num_stuff: int, 
     return list(torch.ops.eyecool.fg_fusion(sem_logits, levels, int(num_stuff), mode))
 
 
-if _extension.compiled() and _extension.has_op("fg_fusion"):
+if _extension.has_op("fg_fusion"):
 
     @torch.library.register_fake("eyecool::fg_fusion")
     def _fg_fusion_fake(sem_logits, rpn_logits, num_stuff, mode):

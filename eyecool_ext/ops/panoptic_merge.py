@@ -76,7 +76,7 @@ def upsnet_panoptic_merge_batch(sem_logits: Union[Tensor, Sequence[Tensor]], num
 __all__ = ["upsnet_panoptic_merge", "upsnet_panoptic_merge_batch", "heuristic_panoptic_merge"]
 
 
-if _extension.compiled() and _extension.has_op("upsnet_panoptic_merge"):
+if _extension.has_op("upsnet_panoptic_merge"):
 
     @torch.library.register_fake("eyecool::upsnet_panoptic_merge")
     def _upsnet_panoptic_merge_fake(sem_logits, num_stuff, boxes, classes, mask_logits, height, width):

@@ -118,7 +118,7 @@ def decode_panoptic_png(data: bytes) -> Tensor:
     return panoptic_png_ids(torch.frombuffer(raw, dtype=torch.uint8), height, width, channels)
 
 
-if _extension.compiled():
+if _extension.has_op("panoptic_png_ids"):
 
     @torch.library.register_fake("eyecool::panoptic_png_ids")
     def _panoptic_png_ids_fake(scanlines, height, width, channels):

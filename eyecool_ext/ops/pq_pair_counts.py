@@ -67,7 +67,7 @@ def pq_pair_counts(gt_ids: Tensor, pred_ids: Tensor) -> Tuple[Tensor, Tensor, Te
     return gt, pred, counts
 
 
-if _extension.compiled():
+if _extension.has_op("pq_pair_counts"):
 
     @torch.library.register_fake("eyecool::pq_pair_counts")
     def _pq_pair_counts_fake(gt_ids, pred_ids):

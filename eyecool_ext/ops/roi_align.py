@@ -124,7 +124,7 @@ class MultiLevelRoIAlign(nn.Module):
                                     self.aligned, self.canonical_box_size, self.canonical_level)
 
 
-if _extension.compiled():
+if _extension.has_op("roi_align"):
 
     @torch.library.register_fake("eyecool::roi_align")
     def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):

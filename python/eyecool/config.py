@@ -179,6 +179,7 @@ class SolverConfig:
     ims_per_batch: int = 16  # total over all processes
     amp: bool = False  # autocast (bfloat16 on CPU, float16 on CUDA)
     clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
+    nonfinite_loss: str = "stop"  # a NaN/inf loss: "stop" (error naming the loss and iteration) or "skip" the step
 
 
 @dataclass
@@ -215,6 +216,7 @@ class Config:
         _check_choice("model.backbone.freeze_at", m.backbone.freeze_at, (0, 1, 2, 3, 4, 5))
         _check_choice("model.rff.mode", m.rff.mode, ("off", "logit", "prob"))
         _check_choice("model.ops", m.ops, ("eyecool", "torchvision"))
+        _check_choice("solver.nonfinite_loss", self.solver.nonfinite_loss, ("stop", "skip"))
         _check_choice("model.dam.refine_level", m.dam.refine_level, (0, 1, 2, 3))
         if len(m.rpn.anchor_sizes) != 5:
             raise ValueError(f"model.rpn.anchor_sizes: expected 5 sizes (P2..P6), got {m.rpn.anchor_sizes}")

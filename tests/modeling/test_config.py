@@ -41,6 +41,7 @@ def test_save_and_reload_round_trip(tmp_path):
     ("solver.max_iter=many", "solver.max_iter"),
     ("model.dam.enabled=3", "model.dam.enabled"),
     ("solver.lr", "key.sub=value"),
+    ("solver.nonfinite_loss=ignore", "solver.nonfinite_loss"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
@@ -50,5 +51,9 @@ def test_bad_values_name_the_key(override, message):
 def test_packaged_configs_load():
     for name in ("coco_r50", "synthetic_small"):
         load_config(packaged_config(name))
+    # The synthetic config's data paths are those `eyecool synth` writes under data.root.
+    small = load_config(packaged_config("synthetic_small"))
+    assert small.data.train_json == "annotations/panoptic_train.json"
+    assert small.data.val_image_dir == "images/val"
     with pytest.raises(ValueError, match="no packaged config"):
         packaged_config("nope")

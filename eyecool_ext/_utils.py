@@ -9,8 +9,11 @@ from torch import Tensor
 BoxesLike = Union[Tensor, Sequence[Tensor]]
 
 
-def pair(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
-    """``7 -> (7, 7)``; ``(7, 5) -> (7, 5)``; anything else is a ValueError naming ``name``."""
+IntPair = Union[int, Sequence[int]]
+
+
+def pair(value: IntPair, name: str, minimum: int = 1) -> Tuple[int, int]:
+    """``7 -> (7, 7)``; ``(7, 5) -> (7, 5)``; a ValueError naming ``name`` unless both are ``>= minimum``."""
     if isinstance(value, int):
         out = (value, value)
     else:
@@ -19,8 +22,9 @@ def pair(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
             out = (out[0], out[0])
     if len(out) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if out[0] <= 0 or out[1] <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+    if out[0] < minimum or out[1] < minimum:
+        requirement = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
     return out  # type: ignore[return-value]
 
 

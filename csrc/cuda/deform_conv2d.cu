@@ -18,18 +18,13 @@
 #include <tuple>
 
 #include "deform_conv2d.h"
+#include "cuda/launch.cuh"
 
 namespace eyecool {
 namespace {
 
-constexpr int kThreads = 256;
 // Upper bound on the column buffer of one batch chunk, in elements.
 constexpr int64_t kMaxColumnElements = int64_t(1) << 27;
-
-inline int64_t num_blocks(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t(1) << 30);
-}
 
 // The shapes the kernels need, passed by value.
 struct KernelShape {

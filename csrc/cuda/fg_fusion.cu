@@ -14,17 +14,12 @@
 #include <vector>
 
 #include "fg_fusion.h"
+#include "cuda/launch.cuh"
 
 namespace eyecool {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kMaxLevels = 8;
-
-inline int64_t num_blocks(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535LL * 8);
-}
 
 // Per-pixel statistics: fg always, max and total when the backward asks for them (non-null).
 template <typename scalar_t, typename acc_t>

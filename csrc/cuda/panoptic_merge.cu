@@ -8,16 +8,10 @@
 #include <torch/library.h>
 
 #include "panoptic_merge.h"
+#include "cuda/launch.cuh"
 
 namespace eyecool {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int64_t num_blocks(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535LL * 8);
-}
 
 template <typename scalar_t>
 __global__ void upsnet_merge_kernel(int64_t pixels, const scalar_t* __restrict__ sem, int64_t channels, int64_t in_h,

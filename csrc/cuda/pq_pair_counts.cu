@@ -13,16 +13,10 @@
 #include <tuple>
 
 #include "pq_pair_counts.h"
+#include "cuda/launch.cuh"
 
 namespace eyecool {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int64_t num_blocks(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535LL * 8);
-}
 
 template <typename id_t>
 __global__ void encode_kernel(int64_t total, const id_t* __restrict__ gt, const id_t* __restrict__ pred,

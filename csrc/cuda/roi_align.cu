@@ -13,12 +13,12 @@
 #include <vector>
 
 #include "roi_align.h"
+#include "cuda/launch.cuh"
 
 namespace eyecool {
 namespace {
 
 constexpr int kMaxLevels = 8;
-constexpr int kThreads = 256;
 
 // The pyramid passed to the kernels by value (no device-side table to copy).
 template <typename ptr_t>
@@ -37,11 +37,6 @@ __device__ __forceinline__ int64_t level_of(const Pyramid<ptr_t>& p, acc_t x1, a
   if (!p.multilevel) return 0;
   return fpn_level_index<acc_t>(x1, y1, x2, y2, static_cast<acc_t>(p.canonical_box_size), p.canonical_level,
                                 p.min_level, p.max_level);
-}
-
-inline int64_t num_blocks(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535LL * 8);
 }
 
 template <typename scalar_t>

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from eyecool_ext import _extension, reference
-from eyecool_ext.reference.deform_conv2d import IntPair, _int_pair, check_deform_conv2d_args
+from eyecool_ext._utils import IntPair, pair
+from eyecool_ext.reference.deform_conv2d import check_deform_conv2d_args
 
 
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -79,10 +80,10 @@ class DeformConv2d(nn.Module):
             raise ValueError(f"in_channels ({in_channels}) must be divisible by offset_groups ({offset_groups})")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _int_pair(kernel_size, "kernel_size", 1)
-        self.stride = _int_pair(stride, "stride", 1)
-        self.padding = _int_pair(padding, "padding", 0)
-        self.dilation = _int_pair(dilation, "dilation", 1)
+        self.kernel_size = pair(kernel_size, "kernel_size", 1)
+        self.stride = pair(stride, "stride", 1)
+        self.padding = pair(padding, "padding", 0)
+        self.dilation = pair(dilation, "dilation", 1)
         self.groups = groups
         self.offset_groups = offset_groups
         self.modulated = modulated

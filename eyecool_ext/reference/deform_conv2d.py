@@ -8,27 +8,12 @@ outside the image, a point at or beyond one pixel outside contributes nothing).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-IntPair = Union[int, Sequence[int]]
-
-
-def _int_pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
-    """``3 -> (3, 3)``, ``(3, 1) -> (3, 1)``; a ValueError naming ``name`` unless both are ``>= minimum``."""
-    if isinstance(value, int):
-        out = (value, value)
-    else:
-        out = tuple(int(v) for v in value)
-        if len(out) == 1:
-            out = (out[0], out[0])
-    if len(out) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if out[0] < minimum or out[1] < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return out  # type: ignore[return-value]
+from eyecool_ext._utils import IntPair, pair
 
 
 class DeformConv2dShape(NamedTuple):
@@ -50,9 +35,9 @@ def check_deform_conv2d_args(input: Tensor, offset: Tensor, weight: Tensor, bias
 
     Raises ValueError naming the argument, the expected shape and the given one.
     """
-    stride = _int_pair(stride, "stride", 1)
-    padding = _int_pair(padding, "padding", 0)
-    dilation = _int_pair(dilation, "dilation", 1)
+    stride = pair(stride, "stride", 1)
+    padding = pair(padding, "padding", 0)
+    dilation = pair(dilation, "dilation", 1)
     for name, t in (("input", input), ("offset", offset), ("weight", weight)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__

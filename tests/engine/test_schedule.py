@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from eyecool.engine import WarmupMultiStepLR, build_optimizer, linear_scaled_lr

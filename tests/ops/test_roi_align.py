@@ -6,7 +6,6 @@ import pytest
 import torch
 import torchvision
 
-import eyecool_ext
 from eyecool_ext import ops, reference
 from op_tester import DEVICES, LAYOUTS, assert_close, needs_compiled, to_layout
 

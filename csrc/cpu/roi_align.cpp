@@ -69,9 +69,9 @@ void forward_kernel(const std::vector<LevelView<scalar_t>>& levels, const LevelA
         for (int64_t pw = 0; pw < pooled_w; ++pw) {
           std::fill(acc.begin(), acc.end(), acc_t(0));
           const SampleRange ry = sample_range(g.start_h, g.bin_h, g.grid_h, ph, H);
+          const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
           for (int64_t iy = ry.lo; iy < ry.hi; ++iy) {
             const acc_t y = sample_y(g, ph, iy);
-            const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
             for (int64_t ix = rx.lo; ix < rx.hi; ++ix) {
               const acc_t x = sample_x(g, pw, ix);
               const BilinearTaps<acc_t> t = bilinear_taps<acc_t>(H, W, y, x);
@@ -122,9 +122,9 @@ void backward_kernel(const std::vector<LevelView<scalar_t>>& levels, const std::
         for (int64_t pw = 0; pw < pooled_w; ++pw) {
           const scalar_t* go = grad_cl + ((k * pooled_h + ph) * pooled_w + pw) * channels;
           const SampleRange ry = sample_range(g.start_h, g.bin_h, g.grid_h, ph, H);
+          const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
           for (int64_t iy = ry.lo; iy < ry.hi; ++iy) {
             const acc_t y = sample_y(g, ph, iy);
-            const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
             for (int64_t ix = rx.lo; ix < rx.hi; ++ix) {
               const acc_t x = sample_x(g, pw, ix);
               const BilinearTaps<acc_t> t = bilinear_taps<acc_t>(H, W, y, x);

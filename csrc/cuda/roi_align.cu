@@ -61,9 +61,9 @@ __global__ void forward_kernel(int64_t total, Pyramid<const scalar_t*> pyr, cons
                                                        pooled_h, pooled_w, sampling_ratio, aligned);
       const scalar_t* plane = pyr.data[lvl] + (n * channels + c) * H * W;
       const SampleRange ry = sample_range(g.start_h, g.bin_h, g.grid_h, ph, H);
+      const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
       for (int64_t iy = ry.lo; iy < ry.hi; ++iy) {
         const acc_t y = sample_y(g, ph, iy);
-        const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
         for (int64_t ix = rx.lo; ix < rx.hi; ++ix) {
           const acc_t x = sample_x(g, pw, ix);
           const BilinearTaps<acc_t> t = bilinear_taps<acc_t>(H, W, y, x);
@@ -103,9 +103,9 @@ __global__ void backward_kernel(int64_t total, Pyramid<scalar_t*> pyr, const sca
     const acc_t go = static_cast<acc_t>(grad[k * gs0 + c * gs1 + ph * gs2 + pw * gs3]);
     scalar_t* plane = pyr.data[lvl] + (n * channels + c) * H * W;
     const SampleRange ry = sample_range(g.start_h, g.bin_h, g.grid_h, ph, H);
+    const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
     for (int64_t iy = ry.lo; iy < ry.hi; ++iy) {
       const acc_t y = sample_y(g, ph, iy);
-      const SampleRange rx = sample_range(g.start_w, g.bin_w, g.grid_w, pw, W);
       for (int64_t ix = rx.lo; ix < rx.hi; ++ix) {
         const acc_t x = sample_x(g, pw, ix);
         const BilinearTaps<acc_t> t = bilinear_taps<acc_t>(H, W, y, x);

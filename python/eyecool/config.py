@@ -193,6 +193,7 @@ class OutputConfig:
     dir: str = "output"
     checkpoint_period: int = 5000
     log_period: int = 20
+    tensorboard: bool = False  # also write the logged scalars as TensorBoard events to DIR/tensorboard
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Training logs: a console line in detectron2's format every ``log_period`` iterations and the same figures as
-one JSON object per line in ``DIR/metrics.json`` (rank 0 only), plus the progress bar shown during evaluation.
+one JSON object per line in ``DIR/metrics.json`` (rank 0 only), optionally the same scalars as TensorBoard
+events in ``DIR/tensorboard/`` (``output.tensorboard=true``), plus the progress bar shown during evaluation.
 
 Console::
 
@@ -27,6 +28,7 @@ import torch
 
 LOGGER_NAME = "eyecool"
 METRICS_FILE = "metrics.json"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def setup_logging(out_dir: Optional[str] = None, rank: int = 0) -> logging.Logger:
@@ -66,11 +68,13 @@ def read_metrics(path: str) -> List[Dict[str, float]]:
 class MetricsWriter:
     """Collects each iteration's scalars and writes them every ``log_period`` iterations (and at the last one).
 
-    Only the main process writes; the others still call :meth:`put` so that the code path is the same.
+    Only the main process writes; the others still call :meth:`put` so that the code path is the same. With
+    ``tensorboard=True`` every row (training figures and evaluation results) also goes to TensorBoard event
+    files in ``out_dir/tensorboard``, with the iteration as the step.
     """
 
     def __init__(self, out_dir: Optional[str], max_iter: int, log_period: int, device: torch.device,
-                 enabled: bool = True, start_iter: int = 0):
+                 enabled: bool = True, start_iter: int = 0, tensorboard: bool = False):
         self.max_iter = max_iter
         self.log_period = max(1, log_period)
         self.device = device
@@ -78,9 +82,12 @@ class MetricsWriter:
         self.logger = logging.getLogger(LOGGER_NAME + ".engine")
         self.history: Dict[str, List[float]] = defaultdict(list)
         self.path = os.path.join(out_dir, METRICS_FILE) if out_dir is not None else None
+        self.tensorboard = None
         if self.enabled and self.path is not None:
             os.makedirs(out_dir, exist_ok=True)
             self._drop_lines_from(start_iter)
+            if tensorboard:
+                self.tensorboard = _summary_writer(os.path.join(out_dir, TENSORBOARD_DIR), purge_step=start_iter)
 
     def _drop_lines_from(self, start_iter: int) -> None:
         """On resume, drop the lines of iterations at or after the checkpoint (logged by the interrupted run
@@ -124,6 +131,27 @@ class MetricsWriter:
         if self.enabled and self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            step = int(row.get("iteration", 0))
+            for name, value in row.items():
+                if name != "iteration" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(name, value, global_step=step)
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def _summary_writer(log_dir: str, purge_step: int):
+    """A TensorBoard ``SummaryWriter``; ``purge_step`` drops events at or after the resumed iteration, like
+    ``metrics.json``'s lines."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError("output.tensorboard=true needs the tensorboard package: pip install tensorboard") from error
+    return SummaryWriter(log_dir=log_dir, purge_step=purge_step or None)
 
 
 class ProgressBar:

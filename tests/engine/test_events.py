@@ -1,0 +1,43 @@
+"""The metrics writer: JSON lines in metrics.json and, on request, the same scalars as TensorBoard events."""
+import pytest
+import torch
+
+from eyecool.engine import read_metrics
+from eyecool.engine.events import MetricsWriter
+
+
+def _log_three_iterations(writer: MetricsWriter) -> None:
+    for iteration, loss in enumerate([3.0, 2.0, 1.0]):
+        writer.put(total_loss=loss, loss_sem=loss / 2, time=0.1, data_time=0.01)
+        writer.write(iteration, lr=0.01 * (iteration + 1))
+    writer.append_row({"iteration": 2, "PQ": 55.5})
+
+
+def test_metrics_json_lines(tmp_path):
+    writer = MetricsWriter(str(tmp_path), max_iter=3, log_period=1, device=torch.device("cpu"))
+    _log_three_iterations(writer)
+    rows = read_metrics(str(tmp_path / "metrics.json"))
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 2]
+    assert [r.get("total_loss") for r in rows[:3]] == [3.0, 2.0, 1.0]
+    assert rows[3]["PQ"] == 55.5
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = MetricsWriter(str(tmp_path), max_iter=3, log_period=1, device=torch.device("cpu"), tensorboard=True)
+    _log_three_iterations(writer)
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("total_loss")] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([0.01, 0.02, 0.03])
+    assert [(e.step, e.value) for e in events.Scalars("PQ")] == [(2, pytest.approx(55.5))]
+
+
+def test_tensorboard_is_silent_off_the_main_process(tmp_path):
+    writer = MetricsWriter(str(tmp_path), max_iter=3, log_period=1, device=torch.device("cpu"), enabled=False,
+                           tensorboard=True)
+    _log_three_iterations(writer)
+    assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "metrics.json").exists()

@@ -65,7 +65,7 @@ template <typename acc_t, typename scalar_t>
 struct RowState {
   std::vector<SemanticPixel<acc_t, scalar_t>> pixels;
   std::vector<acc_t> best_value, thing_max, max_y, w00, w01, w10, w11;
-  std::vector<int64_t> o00, o01, o10, o11;
+  std::vector<int32_t> o00, o01, o10, o11;  // offsets in a channel plane (callers check that they fit)
   std::vector<int32_t> best_label;
   explicit RowState(int64_t width)
       : pixels(width), best_value(width), thing_max(width), max_y(width), w00(width), w01(width), w10(width),
@@ -73,7 +73,8 @@ struct RowState {
 
   void set_pixel(int64_t px, const SemanticPixel<acc_t, scalar_t>& p) {
     pixels[px] = p;
-    o00[px] = p.o00, o01[px] = p.o01, o10[px] = p.o10, o11[px] = p.o11;
+    o00[px] = static_cast<int32_t>(p.o00), o01[px] = static_cast<int32_t>(p.o01);
+    o10[px] = static_cast<int32_t>(p.o10), o11[px] = static_cast<int32_t>(p.o11);
     w00[px] = p.w00, w01[px] = p.w01, w10[px] = p.w10, w11[px] = p.w11;
   }
 };
@@ -124,7 +125,7 @@ template <typename acc_t, typename scalar_t>
 struct ResizedRow {
   const scalar_t* data;
   int64_t plane;
-  const int64_t *o00, *o01, *o10, *o11;
+  const int32_t *o00, *o01, *o10, *o11;
   const acc_t *w00, *w01, *w10, *w11;
   acc_t operator()(int64_t c, int64_t px) const {
     const scalar_t* p = data + c * plane;
@@ -156,16 +157,39 @@ void semantic_row(bool avx2, const SemRow& sem_row, int64_t channels, int64_t nu
 }
 
 // Instance i's offers to the pixels [first, stop) of the row outside its box: Y_i = 0 and Y_i + M_i = 0. Label
-// S + i is larger than every label offered before it, so 0 wins only when strictly larger (or first).
+// S + i is larger than every label offered before it, so 0 wins only when strictly larger (or first). Written
+// without short-circuits so that it vectorises.
 template <typename acc_t>
-inline void offer_zero_span(int64_t first, int64_t stop, bool first_instance, int32_t label, acc_t* best_value,
-                            int32_t* best_label, acc_t* max_y) {
+__attribute__((always_inline)) inline void offer_zero_span_body(int64_t first, int64_t stop, bool first_instance,
+                                                                int32_t label, acc_t* best_value, int32_t* best_label,
+                                                                acc_t* max_y) {
+  if (first_instance) {
+    for (int64_t px = first; px < stop; ++px) max_y[px] = acc_t(0);
+  } else {
+#pragma omp simd
+    for (int64_t px = first; px < stop; ++px) max_y[px] = acc_t(0) > max_y[px] ? acc_t(0) : max_y[px];
+  }
 #pragma omp simd
   for (int64_t px = first; px < stop; ++px) {
-    const bool wins = best_label[px] < 0 || acc_t(0) > best_value[px];
+    const bool wins = (best_label[px] < 0) | (acc_t(0) > best_value[px]);
     best_value[px] = wins ? acc_t(0) : best_value[px];
     best_label[px] = wins ? label : best_label[px];
-    max_y[px] = (first_instance || acc_t(0) > max_y[px]) ? acc_t(0) : max_y[px];
+  }
+}
+
+template <typename acc_t>
+EYECOOL_TARGET_AVX2 void offer_zero_span_avx2(int64_t first, int64_t stop, bool first_instance, int32_t label,
+                                              acc_t* best_value, int32_t* best_label, acc_t* max_y) {
+  offer_zero_span_body<acc_t>(first, stop, first_instance, label, best_value, best_label, max_y);
+}
+
+template <typename acc_t>
+void offer_zero_span(bool avx2, int64_t first, int64_t stop, bool first_instance, int32_t label, acc_t* best_value,
+                     int32_t* best_label, acc_t* max_y) {
+  if (avx2) {
+    offer_zero_span_avx2<acc_t>(first, stop, first_instance, label, best_value, best_label, max_y);
+  } else {
+    offer_zero_span_body<acc_t>(first, stop, first_instance, label, best_value, best_label, max_y);
   }
 }
 
@@ -184,6 +208,8 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
   const int64_t num_things = channels - num_stuff;
   TORCH_CHECK(num_stuff + num_instances < (int64_t(1) << 31), "upsnet_panoptic_merge: at most 2^31 - 1 - num_stuff ",
               "instances, got ", num_instances);
+  TORCH_CHECK(in_h * in_w < (int64_t(1) << 31), "upsnet_panoptic_merge: sem_logits planes of at most 2^31 - 1 ",
+              "pixels are supported on the CPU, got ", in_h, "x", in_w);
   const int64_t* cls = classes.data_ptr<int64_t>();
   for (int64_t i = 0; i < num_instances; ++i) {
     TORCH_CHECK(cls[i] >= 0 && cls[i] < num_things, "upsnet_panoptic_merge: classes[", i,
@@ -225,8 +251,8 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
           const int32_t label = static_cast<int32_t>(num_stuff + i);
           int64_t first = 0, stop = 0;  // empty unless the row crosses the box
           if (box_side_holds(y1, y2, py)) side_span(x1, x2, width, first, stop);
-          offer_zero_span<acc_t>(0, first, i == 0, label, best_value, best_label, max_y);
-          offer_zero_span<acc_t>(stop, width, i == 0, label, best_value, best_label, max_y);
+          offer_zero_span<acc_t>(avx2, 0, first, i == 0, label, best_value, best_label, max_y);
+          offer_zero_span<acc_t>(avx2, stop, width, i == 0, label, best_value, best_label, max_y);
           if (first == stop) continue;
           const int64_t channel = num_stuff + cls[i];
           const scalar_t* mask = mask_ptr + i * mask_h * mask_w;

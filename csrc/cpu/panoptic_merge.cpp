@@ -60,19 +60,18 @@ void side_span(T low, T high, int64_t size, int64_t& first, int64_t& stop) {
 }
 
 // Per-thread row state: the best (value, label) so far, the max thing logit and max_i Y_i of each pixel, and,
-// when the logits are resized, each pixel's view of them (also as arrays, for the vectorised channel sweep).
+// when the logits are resized, each pixel's view of them (SemanticPixel's taps, as arrays, so that the channel
+// sweep vectorises); y holds Y_i of the pixels inside the current instance's box.
 template <typename acc_t, typename scalar_t>
 struct RowState {
-  std::vector<SemanticPixel<acc_t, scalar_t>> pixels;
-  std::vector<acc_t> best_value, thing_max, max_y, w00, w01, w10, w11;
+  std::vector<acc_t> best_value, thing_max, max_y, y, w00, w01, w10, w11;
   std::vector<int32_t> o00, o01, o10, o11;  // offsets in a channel plane (callers check that they fit)
   std::vector<int32_t> best_label;
   explicit RowState(int64_t width)
-      : pixels(width), best_value(width), thing_max(width), max_y(width), w00(width), w01(width), w10(width),
+      : best_value(width), thing_max(width), max_y(width), y(width), w00(width), w01(width), w10(width),
         w11(width), o00(width), o01(width), o10(width), o11(width), best_label(width) {}
 
   void set_pixel(int64_t px, const SemanticPixel<acc_t, scalar_t>& p) {
-    pixels[px] = p;
     o00[px] = static_cast<int32_t>(p.o00), o01[px] = static_cast<int32_t>(p.o01);
     o10[px] = static_cast<int32_t>(p.o10), o11[px] = static_cast<int32_t>(p.o11);
     w00[px] = p.w00, w01[px] = p.w01, w10[px] = p.w10, w11[px] = p.w11;
@@ -193,6 +192,73 @@ void offer_zero_span(bool avx2, int64_t first, int64_t stop, bool first_instance
   }
 }
 
+// Instance i's offers to the pixels [first, stop) of row py inside its box: Y_i + M_i, and Y_i into max_i Y_i.
+// y holds Y_i = X[S + class_i] of those pixels. M_i is mask_bilinear_zeros (panoptic_merge.h) at the pixel's
+// mask coordinates, evaluated with the same products and the same order of additions; a tap outside the mask
+// adds +0 instead of being skipped, which leaves the sum unchanged (the sum starts at +0 and so is never -0), and
+// the mask row of the taps is fixed for the whole span.
+template <typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void instance_span_body(int64_t first, int64_t stop, bool first_instance,
+                                                              int32_t label, const acc_t* y, acc_t x1, acc_t x2,
+                                                              acc_t iy, const scalar_t* mask, int64_t mask_h,
+                                                              int64_t mask_w, acc_t* best_value, int32_t* best_label,
+                                                              acc_t* max_y) {
+  const acc_t fy = std::floor(iy);
+  const int64_t y0 = static_cast<int64_t>(fy), y1 = y0 + 1;
+  const acc_t south = iy - fy, north = acc_t(1) - south;
+  const bool in_y0 = y0 >= 0 && y0 < mask_h, in_y1 = y1 >= 0 && y1 < mask_h;
+  const scalar_t* row0 = mask + (in_y0 ? y0 : 0) * mask_w;
+  const scalar_t* row1 = mask + (in_y1 ? y1 : 0) * mask_w;
+  const int32_t last = static_cast<int32_t>(mask_w - 1), width = static_cast<int32_t>(mask_w);
+#pragma omp simd
+  for (int64_t px = first; px < stop; ++px) {
+    const acc_t cx = static_cast<acc_t>(px) + acc_t(0.5);
+    const acc_t ix = mask_source_coord(cx, x1, x2, mask_w);
+    // floor(ix) without a library call, so that the loop vectorises: exact, since ix lies in [-0.5, mask_w)
+    // for a pixel inside the box.
+    const acc_t truncated = static_cast<acc_t>(static_cast<int32_t>(ix));
+    const acc_t fx = truncated > ix ? truncated - acc_t(1) : truncated;
+    const int32_t x0 = static_cast<int32_t>(fx), x1i = x0 + 1;
+    const acc_t east = ix - fx, west = acc_t(1) - east;
+    const bool in_x0 = (x0 >= 0) & (x0 < width), in_x1 = (x1i >= 0) & (x1i < width);
+    const int32_t c0 = x0 < 0 ? 0 : (x0 > last ? last : x0), c1 = x1i < 0 ? 0 : (x1i > last ? last : x1i);
+    const acc_t t00 = static_cast<acc_t>(row0[c0]) * (north * west), t01 = static_cast<acc_t>(row0[c1]) * (north * east);
+    const acc_t t10 = static_cast<acc_t>(row1[c0]) * (south * west), t11 = static_cast<acc_t>(row1[c1]) * (south * east);
+    acc_t m = acc_t(0);
+    m += (in_y0 & in_x0) ? t00 : acc_t(0);
+    m += (in_y0 & in_x1) ? t01 : acc_t(0);
+    m += (in_y1 & in_x0) ? t10 : acc_t(0);
+    m += (in_y1 & in_x1) ? t11 : acc_t(0);
+    const acc_t value = y[px] + m;
+    max_y[px] = (first_instance | (y[px] > max_y[px])) ? y[px] : max_y[px];
+    const bool wins = (best_label[px] < 0) | (value > best_value[px]);
+    best_value[px] = wins ? value : best_value[px];
+    best_label[px] = wins ? label : best_label[px];
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+EYECOOL_TARGET_AVX2 void instance_span_avx2(int64_t first, int64_t stop, bool first_instance, int32_t label,
+                                            const acc_t* y, acc_t x1, acc_t x2, acc_t iy, const scalar_t* mask,
+                                            int64_t mask_h, int64_t mask_w, acc_t* best_value, int32_t* best_label,
+                                            acc_t* max_y) {
+  instance_span_body<acc_t, scalar_t>(first, stop, first_instance, label, y, x1, x2, iy, mask, mask_h, mask_w,
+                                      best_value, best_label, max_y);
+}
+
+template <typename acc_t, typename scalar_t>
+void instance_span(bool avx2, int64_t first, int64_t stop, bool first_instance, int32_t label, const acc_t* y,
+                   acc_t x1, acc_t x2, acc_t iy, const scalar_t* mask, int64_t mask_h, int64_t mask_w,
+                   acc_t* best_value, int32_t* best_label, acc_t* max_y) {
+  if (avx2) {
+    instance_span_avx2<acc_t, scalar_t>(first, stop, first_instance, label, y, x1, x2, iy, mask, mask_h, mask_w,
+                                        best_value, best_label, max_y);
+  } else {
+    instance_span_body<acc_t, scalar_t>(first, stop, first_instance, label, y, x1, x2, iy, mask, mask_h, mask_w,
+                                        best_value, best_label, max_y);
+  }
+}
+
 at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_stuff, const at::Tensor& boxes_in,
                                      const at::Tensor& classes_in, const at::Tensor& mask_logits_in, int64_t height,
                                      int64_t width) {
@@ -257,17 +323,18 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
           const int64_t channel = num_stuff + cls[i];
           const scalar_t* mask = mask_ptr + i * mask_h * mask_w;
           const acc_t iy = mask_source_coord(cy, y1, y2, mask_h);
-          for (int64_t px = first; px < stop; ++px) {
-            const acc_t cx = static_cast<acc_t>(px) + acc_t(0.5);
-            const acc_t y = resized ? row.pixels[px](channel)
-                                    : static_cast<acc_t>(sem_ptr[channel * plane + py * in_w + px]);
-            const acc_t ix = mask_source_coord(cx, x1, x2, mask_w);
-            const acc_t value = y + mask_bilinear_zeros<acc_t>(mask, mask_h, mask_w, iy, ix);
-            max_y[px] = (i == 0 || y > max_y[px]) ? y : max_y[px];
-            const bool wins = best_label[px] < 0 || value > best_value[px];
-            best_value[px] = wins ? value : best_value[px];
-            best_label[px] = wins ? label : best_label[px];
+          acc_t* y = row.y.data();
+          if (resized) {
+            const ResizedRow<acc_t, scalar_t> sem_row{sem_ptr, plane, row.o00.data(), row.o01.data(), row.o10.data(),
+                                                      row.o11.data(), row.w00.data(), row.w01.data(),
+                                                      row.w10.data(), row.w11.data()};
+            for (int64_t px = first; px < stop; ++px) y[px] = sem_row(channel, px);
+          } else {
+            const scalar_t* channel_row = sem_ptr + channel * plane + py * in_w;
+            for (int64_t px = first; px < stop; ++px) y[px] = static_cast<acc_t>(channel_row[px]);
           }
+          instance_span<acc_t, scalar_t>(avx2, first, stop, i == 0, label, y, x1, x2, iy, mask, mask_h, mask_w,
+                                         best_value, best_label, max_y);
         }
         // The unknown logit, max_{t >= S} X[t] - max_i Y_i (max_i Y_i = 0 without instances).
         const int32_t unknown = static_cast<int32_t>(num_stuff + num_instances);

@@ -1,7 +1,7 @@
-// RPN-FCN fusion (RFF) math shared by the CPU and CUDA kernels: the online softmax-sum of the thing classes, its
+// RPN-FCN fusion (RFF) math shared by the CPU and CUDA kernels: the softmax-sum of the thing classes, its
 // gradient, the adaptive average pooling bins, and the gate applied to the RPN logits.
 //
-//   fg(p)     = sum_{c >= S} softmax_c(x(p))                       (one pass over the channels, no softmax stored)
+//   fg(p)     = sum_{c >= S} softmax_c(x(p))                       (no softmax stored)
 //   fg_l      = adaptive_avg_pool2d(fg, (H_l, W_l))
 //   out_l     = gate(r_l) * fg_l,     gate(r) = r ("logit") or sigmoid(r) ("prob")
 //   d fg / d x_c = softmax_c * ([c >= S] - fg)
@@ -55,34 +55,30 @@ EYECOOL_HD float exp_nonpositive(float x) {
 
 EYECOOL_HD double exp_nonpositive(double x) { return exp(x); }
 
-// Running softmax statistics of one pixel over the channels seen so far: the max, and the sums of
-// exp(x - max) over all channels and over the thing channels.
+// Softmax statistics of one pixel in two passes over the channels: the max first (a compare per channel), then
+// the sums of exp(x - max) over all channels and over the thing channels (one exp per channel). Cheaper than an
+// online softmax, which needs a rescale and three selects per channel, and the row of logits that the CPU kernel
+// works on stays in cache between the passes. Both devices add the terms in channel order.
 template <typename T>
 struct ThingSoftmaxSum {
   T max, total, things;
 };
 
 template <typename T>
-EYECOOL_HD ThingSoftmaxSum<T> thing_softmax_start(T x, bool is_thing) {
-  return {x, T(1), is_thing ? T(1) : T(0)};
+EYECOOL_HD T softmax_max_update(T max, T x) {
+  return x > max ? x : max;
 }
 
-// Online update with a single exp per channel: exp(-|x - max|) is the new channel's term when x <= max, and the
-// factor that rescales the sums to the new max when x > max. Written with selects so that the CPU loop over a
-// row of pixels vectorises.
+// exp(x - max), the unnormalised softmax term of a channel.
 template <typename T>
-EYECOOL_HD void thing_softmax_add(ThingSoftmaxSum<T>& s, T x, bool is_thing) {
-  // Both branches are computed and then selected: with only selects left the compiler if-converts the loop
-  // (it does not speculate floating-point arithmetic written inside a conditional).
-  const T d = x - s.max;
-  const bool new_max = d > T(0);
-  const T e = exp_nonpositive(new_max ? -d : d);
-  const T thing = is_thing ? T(1) : T(0);
-  const T rescaled_total = s.total * e + T(1), extended_total = s.total + e;
-  const T rescaled_things = s.things * e + thing, extended_things = s.things + thing * e;
-  s.total = new_max ? rescaled_total : extended_total;
-  s.things = new_max ? rescaled_things : extended_things;
-  s.max = new_max ? x : s.max;
+EYECOOL_HD T softmax_term(T x, T max) {
+  return exp_nonpositive(x - max);
+}
+
+template <typename T>
+EYECOOL_HD void thing_softmax_accumulate(ThingSoftmaxSum<T>& s, T term, bool is_thing) {
+  s.total += term;
+  if (is_thing) s.things += term;
 }
 
 template <typename T>
@@ -90,11 +86,17 @@ EYECOOL_HD T thing_softmax_fg(const ThingSoftmaxSum<T>& s) {
   return s.things / s.total;
 }
 
-// d loss / d x_c given grad_fg = d loss / d fg at the pixel, recomputing softmax_c from the pixel's statistics.
+// d loss / d x_c given grad_fg = d loss / d fg at the pixel and the channel's term exp(x_c - max).
+template <typename T>
+EYECOOL_HD T thing_softmax_grad_from_term(T term, T total, T fg, T grad_fg, bool is_thing) {
+  const T prob = term / total;
+  return grad_fg * prob * ((is_thing ? T(1) : T(0)) - fg);
+}
+
+// The same, recomputing the term from the logit and the pixel's max.
 template <typename T>
 EYECOOL_HD T thing_softmax_grad(T x, T max, T total, T fg, T grad_fg, bool is_thing) {
-  const T prob = exp_nonpositive(x - max) / total;
-  return grad_fg * prob * ((is_thing ? T(1) : T(0)) - fg);
+  return thing_softmax_grad_from_term(softmax_term(x, max), total, fg, grad_fg, is_thing);
 }
 
 // Adaptive average pooling bins (PyTorch's): output cell i of `out` cells over `in` inputs covers

@@ -35,11 +35,17 @@ EYECOOL_HD void stack_argmax_offer(StackArgmax<T>& best, T value, int64_t label)
   }
 }
 
+// Pixel index p lies on the box side [low, high) when its centre p + 0.5 does.
+template <typename T>
+EYECOOL_HD bool box_side_holds(T low, T high, int64_t p) {
+  const T centre = static_cast<T>(p) + T(0.5);
+  return low <= centre && centre < high;
+}
+
 // Pixel (px, py) belongs to box (x1, y1, x2, y2) when its centre lies in [x1, x2) x [y1, y2).
 template <typename T>
 EYECOOL_HD bool box_holds_pixel(T x1, T y1, T x2, T y2, int64_t px, int64_t py) {
-  const T cx = static_cast<T>(px) + T(0.5), cy = static_cast<T>(py) + T(0.5);
-  return x1 <= cx && cx < x2 && y1 <= cy && cy < y2;
+  return box_side_holds(x1, x2, px) && box_side_holds(y1, y2, py);
 }
 
 // Source coordinate in a `size`-cell mask of the pixel centre `centre` on the box side [low, high): the box

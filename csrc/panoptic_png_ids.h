@@ -27,6 +27,18 @@ EYECOOL_HD int32_t rgb_to_segment_id(uint8_t r, uint8_t g, uint8_t b) {
   return static_cast<int32_t>(r) | (static_cast<int32_t>(g) << 8) | (static_cast<int32_t>(b) << 16);
 }
 
+// The same id read from the pixel's bytes at p (R, G, B, then at least one more readable byte): one unaligned
+// 32-bit load with the fourth byte masked off on little-endian hosts, instead of three byte loads and shifts.
+inline int32_t pixel_segment_id(const uint8_t* p) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  uint32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  return static_cast<int32_t>(word & 0xFFFFFFu);
+#else
+  return rgb_to_segment_id(p[0], p[1], p[2]);
+#endif
+}
+
 // 32 zero bytes: the reference the flat-span test compares residuals against.
 constexpr uint8_t kZeros[32] = {};
 

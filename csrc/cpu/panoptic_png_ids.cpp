@@ -22,7 +22,8 @@ bool row_is_zero(const uint8_t* bytes, int64_t length) {
 template <int BPP>
 void decode_rows(const uint8_t* src, int64_t height, int64_t width, int32_t* out) {
   const int64_t length = width * BPP, stride = 1 + length;
-  std::vector<uint8_t> rows(2 * length, 0);
+  // Two rows, plus one byte so that pixel_segment_id may read 4 bytes at the last RGB pixel of the second.
+  std::vector<uint8_t> rows(2 * length + 1, 0);
   uint8_t* prior = rows.data();
   uint8_t* current = rows.data() + length;
   for (int64_t y = 0; y < height; ++y) {
@@ -35,10 +36,7 @@ void decode_rows(const uint8_t* src, int64_t height, int64_t width, int32_t* out
     }
     TORCH_CHECK(unfilter_row<BPP>(line + 1, prior, current, length, line[0]), "panoptic_png_ids: row ", y,
                 " has unknown filter type ", static_cast<int>(line[0]));
-    for (int64_t x = 0; x < width; ++x) {
-      const uint8_t* px = current + x * BPP;
-      out_row[x] = rgb_to_segment_id(px[0], px[1], px[2]);
-    }
+    for (int64_t x = 0; x < width; ++x) out_row[x] = pixel_segment_id(current + x * BPP);
     std::swap(prior, current);
   }
 }

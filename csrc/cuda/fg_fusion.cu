@@ -1,9 +1,9 @@
-// RPN-FCN fusion on CUDA. One thread per pixel runs the online softmax over the channels (coalesced: neighbouring
-// threads read neighbouring pixels of the same channel) and writes only the one-channel fg map; one thread per
-// output cell pools its bin from that map. The backward recomputes the per-pixel statistics, gathers d loss / d fg
-// from every level's bins per pixel, and writes the logits' gradient one element per thread. No atomics: every
-// output element has one writer, so the results are deterministic. The arithmetic is fg_fusion.h's, the code the
-// CPU tests exercise.
+// RPN-FCN fusion on CUDA. One thread per pixel runs the softmax over the channels, the max then the sums
+// (coalesced: neighbouring threads read neighbouring pixels of the same channel), and writes only the one-channel
+// fg map; one thread per output cell pools its bin from that map. The backward recomputes the per-pixel
+// statistics, gathers d loss / d fg from every level's bins per pixel, and writes the logits' gradient one
+// element per thread. No atomics: every output element has one writer, so the results are deterministic. The
+// arithmetic is fg_fusion.h's, the code the CPU tests exercise.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -29,9 +29,11 @@ __global__ void statistics_kernel(int64_t pixels, const scalar_t* __restrict__ s
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pixels; p += (int64_t)blockDim.x * gridDim.x) {
     const int64_t n = p / plane, q = p % plane;
     const scalar_t* base = sem + n * channels * plane + q;
-    ThingSoftmaxSum<acc_t> s = thing_softmax_start<acc_t>(static_cast<acc_t>(base[0]), 0 >= num_stuff);
-    for (int64_t c = 1; c < channels; ++c) {
-      thing_softmax_add<acc_t>(s, static_cast<acc_t>(base[c * plane]), c >= num_stuff);
+    ThingSoftmaxSum<acc_t> s{static_cast<acc_t>(base[0]), acc_t(0), acc_t(0)};
+    for (int64_t c = 1; c < channels; ++c) s.max = softmax_max_update<acc_t>(s.max, static_cast<acc_t>(base[c * plane]));
+    for (int64_t c = 0; c < channels; ++c) {
+      thing_softmax_accumulate<acc_t>(s, softmax_term<acc_t>(static_cast<acc_t>(base[c * plane]), s.max),
+                                      c >= num_stuff);
     }
     fg[p] = thing_softmax_fg(s);
     if (max_out != nullptr) {

@@ -1,7 +1,7 @@
 """RPN-FCN fusion (RFF, the Eyecool report): gate the RPN objectness of every level with the semantic branch's
 foreground probability, in one fused op.
 
-``fg = sum over the thing channels of softmax(sem_logits)`` is computed with an online softmax in one pass over
+``fg = sum over the thing channels of softmax(sem_logits)`` is computed with a two-sweep softmax per row of
 the logits (no ``[N, S + K, H, W]`` temporary); the backward recomputes the softmax statistics instead of
 storing them. The op is ``torch.ops.eyecool.fg_fusion``; this module adds the typed wrapper, its fake kernel
 and its autograd formula (whose backward is ``torch.ops.eyecool._fg_fusion_backward``).

@@ -57,7 +57,7 @@ def test_non_integer_level_ratios(device, mode):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_extreme_logits_stay_finite(device):
-    """Online softmax: logits of +-1e4 give exact 0/1 foreground probabilities, no inf or NaN."""
+    """Max-subtracted softmax: logits of +-1e4 give exact 0/1 foreground probabilities, no inf or NaN."""
     sem = torch.full((1, 4, 3, 3), -1e4, device=device)
     sem[0, 3, 0, 0] = 1e4  # a thing wins by far
     sem[0, 0, 1, 1] = 1e4  # a stuff class wins by far

@@ -28,6 +28,11 @@ TORCH_LIBRARY(eyecool, m) {
   // Panoptic PNG decoding after inflation: the scanlines (filter byte + row bytes, per row) of an 8-bit RGB or
   // RGBA PNG -> int32 [height, width] segment ids R + 256 G + 256^2 B. CPU only.
   m.def("panoptic_png_ids(Tensor scanlines, SymInt height, SymInt width, int channels) -> Tensor");
+  // Both at once for a gt and a prediction PNG of one size, counted as pq_pair_counts counts one image pair,
+  // without writing either id map: (gt_id, pred_id, count), int64, sorted by (gt_id, pred_id). CPU only.
+  m.def(
+      "panoptic_png_pair_counts(Tensor gt_scanlines, Tensor pred_scanlines, SymInt height, SymInt width, "
+      "int gt_channels, int pred_channels) -> (Tensor, Tensor, Tensor)");
   // Deformable convolution, DCN v1 (mask None) and modulated v2; torchvision's semantics with the weight groups
   // and offset groups inferred from the shapes. The backward returns (grad_input, grad_offset, grad_weight,
   // grad_mask, grad_bias); grad_mask is an empty [0] tensor when mask is None.

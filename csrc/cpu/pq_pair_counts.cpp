@@ -17,99 +17,13 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/pair_counter.h"
 #include "pq_pair_counts.h"
 
 namespace eyecool {
 namespace {
 
-using KeyCount = std::pair<int64_t, int64_t>;
-
 constexpr int64_t kMinPixelsPerBand = int64_t(1) << 20;
-
-// Open-addressing table from pair key (>= 0) to pixel count; an empty slot holds kInvalidPairKey.
-class PairCounter {
- public:
-  PairCounter() { rehash(256); }
-
-  void add(int64_t key, int64_t count) {
-    uint64_t slot = hash(key);
-    while (true) {
-      int64_t& k = keys_[slot];
-      if (k == key) {
-        counts_[slot] += count;
-        return;
-      }
-      if (k == kInvalidPairKey) {
-        k = key;
-        counts_[slot] = count;
-        if (++size_ * 2 > static_cast<int64_t>(keys_.size())) rehash(keys_.size() * 2);
-        return;
-      }
-      slot = (slot + 1) & mask_;
-    }
-  }
-
-  void append_to(std::vector<KeyCount>& out) const {
-    for (size_t i = 0; i < keys_.size(); ++i) {
-      if (keys_[i] != kInvalidPairKey) out.emplace_back(keys_[i], counts_[i]);
-    }
-  }
-
- private:
-  uint64_t hash(int64_t key) const {
-    // Fibonacci hashing: the multiply spreads the (gt << 32 | pred) bits over the top bits kept.
-    return (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ULL) >> shift_;
-  }
-
-  void rehash(size_t capacity) {
-    std::vector<int64_t> old_keys = std::move(keys_);
-    std::vector<int64_t> old_counts = std::move(counts_);
-    keys_.assign(capacity, kInvalidPairKey);
-    counts_.assign(capacity, 0);
-    mask_ = capacity - 1;
-    shift_ = 64;
-    for (size_t c = capacity; c > 1; c >>= 1) --shift_;
-    size_ = 0;
-    for (size_t i = 0; i < old_keys.size(); ++i) {
-      if (old_keys[i] != kInvalidPairKey) add(old_keys[i], old_counts[i]);
-    }
-  }
-
-  std::vector<int64_t> keys_, counts_;
-  uint64_t mask_ = 0;
-  int shift_ = 64;
-  int64_t size_ = 0;
-};
-
-// Counts the pairs of pixels [begin, end) of one image. Returns false at the first id outside [0, 2^31)
-// and stores that pixel's offset in bad_pixel.
-//
-// The run test compares the raw ids, 16 pixels at a time with a branch-free OR of XORs that the compiler
-// vectorises; encoding and range checks happen only where a run starts.
-template <typename id_t>
-bool count_pixels(const id_t* gt, const id_t* pred, int64_t begin, int64_t end, PairCounter& counter,
-                  int64_t& bad_pixel) {
-  constexpr int64_t kBlock = 16;
-  int64_t i = begin;
-  while (i < end) {
-    const id_t run_gt = gt[i], run_pred = pred[i];
-    const int64_t key = encode_pair(static_cast<int64_t>(run_gt), static_cast<int64_t>(run_pred));
-    if (key == kInvalidPairKey) {
-      bad_pixel = i;
-      return false;
-    }
-    const int64_t run_begin = i++;
-    while (i + kBlock <= end) {
-      id_t differs = 0;
-      for (int64_t k = 0; k < kBlock; ++k) differs |= (gt[i + k] ^ run_gt) | (pred[i + k] ^ run_pred);
-      if (differs) break;
-      i += kBlock;
-    }
-    while (i < end && gt[i] == run_gt && pred[i] == run_pred) ++i;
-    counter.add(key, i - run_begin);
-  }
-  return true;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pq_pair_counts_cpu(const at::Tensor& gt_in,
                                                                                const at::Tensor& pred_in) {

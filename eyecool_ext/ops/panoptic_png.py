@@ -7,12 +7,20 @@ Both steps release the GIL, so a thread pool decodes several PNGs at once. It co
 (8-bit RGB or RGBA, not interlaced) and raises ``UnsupportedPNG`` for anything else, so that callers can fall
 back to PIL. Without the compiled kernel it decodes with PIL itself (the reference unfilter is an oracle for
 small images, far too slow for whole ones).
+
+``panoptic_png_pair_counts(gt, pred)`` is panoptic quality's whole per-image inner loop: both PNGs inflated,
+unfiltered and their (gt, pred) segment pairs counted row by row, without either id map ever being written.
+
+Inflated data goes into a buffer kept per thread and reused: a COCO-sized image inflates to about 1 MB, and
+filling fresh pages costs the kernel more page faults than the inflation itself costs zlib-ng.
 """
 from __future__ import annotations
 
 import io
 import struct
+import threading
 import zlib
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,22 +35,40 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {2: 3, 6: 4}  # PNG colour type -> bytes per pixel at bit depth 8
+_MAX_DEFLATE_RATIO = 1032  # the largest expansion a deflate stream can encode (258-byte matches in ~2 bits)
+_scratch = threading.local()  # per-thread inflate buffers, by slot name
 
 
 class UnsupportedPNG(ValueError):
     """A PNG this decoder does not handle (not 8-bit RGB/RGBA, interlaced, or malformed)."""
 
 
-def _inflate(compressed: bytes, size: int) -> bytearray:
-    """The zlib stream ``compressed`` inflated into a writable buffer of exactly ``size`` bytes."""
+def _scratch_buffer(slot: str, size: int) -> memoryview:
+    """A writable view of exactly ``size`` bytes of this thread's buffer ``slot``, grown when too small."""
+    buffer = getattr(_scratch, slot, None)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(size)
+        setattr(_scratch, slot, buffer)
+    return memoryview(buffer)[:size]
+
+
+def _inflate(compressed: bytes, size: int, slot: Optional[str] = None):
+    """The zlib stream ``compressed`` inflated into a writable buffer of exactly ``size`` bytes: this thread's
+    reusable buffer ``slot`` (valid until the thread inflates into that slot again), or a new one."""
+    # Deflate expands at most ~1032:1, so a header that promises more than that is forged or truncated: refuse it
+    # before allocating the buffer it asks for (a 2^31-pixel-wide IHDR would otherwise allocate gigabytes).
+    if size > _MAX_DEFLATE_RATIO * len(compressed) + 1024:
+        raise UnsupportedPNG(f"the header promises {size} bytes of image data but only {len(compressed)} compressed "
+                             f"bytes follow (truncated or forged PNG)")
     try:
         if _zlibng_decode is not None:
-            out = _zlibng_decode(compressed, out=bytearray(size))
+            target = _scratch_buffer(slot, size) if slot is not None else bytearray(size)
+            out = _zlibng_decode(compressed, out=target)
         else:
             out = bytearray(zlib.decompress(compressed))
     except Exception as exc:  # zlib.error, imagecodecs' ZlibngError: both mean a corrupt or oversized stream
         raise UnsupportedPNG(f"image data does not inflate to {size} bytes: {exc}") from exc
-    if not isinstance(out, bytearray) or len(out) != size:
+    if not isinstance(out, (bytearray, memoryview)) or len(out) != size:
         raise UnsupportedPNG(f"image data inflates to {len(out)} bytes, expected {size} (truncated PNG?)")
     return out
 
@@ -82,10 +108,26 @@ def _decode_with_pil(data: bytes) -> Tensor:
     return torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2])
 
 
-def decode_panoptic_png(data: bytes) -> Tensor:
-    """The bytes of a panoptic PNG -> ``int32 Tensor[H, W]`` segment ids (``R + 256 G + 256^2 B``).
+class PanopticPNG(NamedTuple):
+    """A parsed panoptic PNG: its size, bytes per pixel (3 RGB, 4 RGBA), compressed image data and the file's
+    bytes."""
 
-    Raises ``UnsupportedPNG`` for PNGs other than 8-bit, non-interlaced RGB or RGBA.
+    height: int
+    width: int
+    channels: int
+    compressed: bytes
+    data: bytes
+
+    @property
+    def scanline_bytes(self) -> int:
+        """Size of the inflated image data: per row, the filter-type byte and the row's bytes."""
+        return self.height * (1 + self.width * self.channels)
+
+
+def parse_panoptic_png(data: bytes) -> PanopticPNG:
+    """The header and the joined IDAT chunks of a PNG file's bytes.
+
+    Raises ``UnsupportedPNG`` for anything but an 8-bit, non-interlaced RGB or RGBA PNG.
     """
     if not data.startswith(_PNG_SIGNATURE):
         raise UnsupportedPNG("not a PNG file")
@@ -96,6 +138,8 @@ def decode_panoptic_png(data: bytes) -> Tensor:
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         body = data[pos + 8:pos + 8 + length]
         if kind == b"IHDR":
+            if len(body) != 13:
+                raise UnsupportedPNG(f"IHDR chunk of {len(body)} bytes, expected 13 (truncated PNG?)")
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
             idat.append(body)
@@ -108,14 +152,49 @@ def decode_panoptic_png(data: bytes) -> Tensor:
     if bit_depth != 8 or colour_type not in _CHANNELS or interlace != 0:
         raise UnsupportedPNG(f"bit depth {bit_depth}, colour type {colour_type}, interlace {interlace}: only 8-bit "
                              f"non-interlaced RGB or RGBA is decoded here")
-    channels = _CHANNELS[colour_type]
+    return PanopticPNG(height, width, _CHANNELS[colour_type], b"".join(idat) if len(idat) > 1 else idat[0], data)
+
+
+def _scanlines(png: PanopticPNG, slot: str) -> Tensor:
+    return torch.frombuffer(_inflate(png.compressed, png.scanline_bytes, slot), dtype=torch.uint8)
+
+
+def decode_panoptic_png(data: bytes) -> Tensor:
+    """The bytes of a panoptic PNG -> ``int32 Tensor[H, W]`` segment ids (``R + 256 G + 256^2 B``).
+
+    Raises ``UnsupportedPNG`` for PNGs other than 8-bit, non-interlaced RGB or RGBA.
+    """
+    png = parse_panoptic_png(data)
     if not _extension.use_compiled("panoptic_png_ids"):
         # The reference unfilter loops over pixels in Python: PIL is the faster fallback for whole images.
         return _decode_with_pil(data)
-    if width == 0 or height == 0:
-        return torch.zeros((height, width), dtype=torch.int32)
-    raw = _inflate(b"".join(idat) if len(idat) > 1 else idat[0], height * (1 + width * channels))
-    return panoptic_png_ids(torch.frombuffer(raw, dtype=torch.uint8), height, width, channels)
+    if png.width == 0 or png.height == 0:
+        return torch.zeros((png.height, png.width), dtype=torch.int32)
+    return panoptic_png_ids(_scanlines(png, "decode"), png.height, png.width, png.channels)
+
+
+def panoptic_png_pair_counts(gt: PanopticPNG, pred: PanopticPNG) -> Tuple[Tensor, Tensor, Tensor]:
+    """The distinct ``(gt_id, pred_id)`` segment pairs of two parsed panoptic PNGs of one size and their pixel
+    counts: ``pq_pair_counts`` of their id maps, computed without decoding either map into memory.
+
+    Args:
+        gt, pred: from :func:`parse_panoptic_png`, with the same width and height.
+
+    Returns:
+        ``(gt_id, pred_id, count)``, int64 ``Tensor[P]`` each, sorted by ``(gt_id, pred_id)``.
+
+    Raises:
+        ValueError: the two PNGs differ in size. UnsupportedPNG: image data that does not inflate to its size.
+    """
+    if (gt.height, gt.width) != (pred.height, pred.width):
+        raise ValueError(f"the prediction PNG is {pred.width} x {pred.height} (width x height) but the gt PNG is "
+                         f"{gt.width} x {gt.height}")
+    if not _extension.use_compiled("panoptic_png_pair_counts"):
+        from eyecool_ext.ops.pq_pair_counts import pq_pair_counts
+        # The same answer through the two id maps (decoded with PIL when no kernel is compiled).
+        return pq_pair_counts(decode_panoptic_png(gt.data), decode_panoptic_png(pred.data))
+    return torch.ops.eyecool.panoptic_png_pair_counts(_scanlines(gt, "gt"), _scanlines(pred, "pred"), gt.height,
+                                                       gt.width, gt.channels, pred.channels)
 
 
 if _extension.has_op("panoptic_png_ids"):
@@ -124,3 +203,12 @@ if _extension.has_op("panoptic_png_ids"):
     def _panoptic_png_ids_fake(scanlines, height, width, channels):
         torch._check(scanlines.dim() == 1, lambda: "scanlines must be 1-d")
         return scanlines.new_empty((height, width), dtype=torch.int32)
+
+
+if _extension.has_op("panoptic_png_pair_counts"):
+
+    @torch.library.register_fake("eyecool::panoptic_png_pair_counts")
+    def _panoptic_png_pair_counts_fake(gt_scanlines, pred_scanlines, height, width, gt_channels, pred_channels):
+        torch._check(gt_scanlines.dim() == 1 and pred_scanlines.dim() == 1, lambda: "scanlines must be 1-d")
+        pairs = torch.library.get_ctx().new_dynamic_size()
+        return tuple(gt_scanlines.new_empty((pairs,), dtype=torch.int64) for _ in range(3))

@@ -96,6 +96,91 @@ def test_bad_input_messages():
         ops.panoptic_png_ids(bad_filter, 1, 3, 3)
 
 
+def _png(ids: np.ndarray, mode: str = "RGB", compress_level: int = 6) -> bytes:
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def _sorted_pairs(gt_ids, pred_ids):
+    """(gt, pred, count) of two id maps the way panopticapi counts them: np.unique of gt * 2^24 + pred."""
+    keys, counts = np.unique(gt_ids.astype(np.int64) * 2**24 + pred_ids, return_counts=True)
+    return keys // 2**24, keys % 2**24, counts
+
+
+def _blocky_ids(rng, height, width, num_ids, block):
+    """Id maps of flat blocks (repeated rows and long runs, as panoptic PNGs are) with some noise rows."""
+    cells = rng.integers(0, num_ids, (height // block + 1, width // block + 1))
+    ids = rng.integers(0, 2**24, num_ids)[cells.repeat(block, 0).repeat(block, 1)[:height, :width]]
+    ids[rng.random(height) < 0.1] = rng.integers(0, 2**24)
+    return ids
+
+
+@needs_compiled
+@pytest.mark.parametrize("gt_channels,pred_channels", [(3, 3), (3, 4), (4, 3), (4, 4)])
+def test_pair_counts_from_scanlines_match_the_id_maps(gt_channels, pred_channels):
+    rng = np.random.default_rng(gt_channels * 10 + pred_channels)
+    height, width = 14, 11
+    gt_pixels = np.repeat(np.repeat(rng.integers(0, 256, (5, 4, gt_channels)), 3, 0), 3, 1)[:height, :width]
+    pred_pixels = np.repeat(np.repeat(rng.integers(0, 256, (7, 3, pred_channels)), 2, 0), 4, 1)[:height, :width]
+    gt_pixels[rng.random((height, width)) < 0.1] = rng.integers(0, 256, gt_channels)
+    # Rows that repeat the row above on one side only, on both, and not at all, each with every filter type.
+    gt_filters = [4, 2, 2, 1, 0, 3, 2, 2, 4, 2, 1, 2, 2, 3]
+    pred_filters = [1, 2, 4, 2, 2, 2, 3, 0, 2, 4, 2, 2, 1, 2]
+    gt_scanlines = filter_scanlines(gt_pixels.astype(np.uint8), gt_filters)
+    pred_scanlines = filter_scanlines(pred_pixels.astype(np.uint8), pred_filters)
+    gt_id, pred_id, count = torch.ops.eyecool.panoptic_png_pair_counts(
+        gt_scanlines, pred_scanlines, height, width, gt_channels, pred_channels)
+    want = _sorted_pairs(expected_ids(gt_pixels), expected_ids(pred_pixels))
+    for got, expected in zip((gt_id, pred_id, count), want):
+        assert got.dtype == torch.int64 and np.array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("modes", [("RGB", "RGB"), ("RGBA", "RGB")])
+def test_pair_counts_of_whole_pngs_equal_pil_decoding(modes):
+    rng = np.random.default_rng(7)
+    gt_ids = _blocky_ids(rng, 61, 83, 12, 6)
+    pred_ids = _blocky_ids(rng, 61, 83, 15, 4)
+    gt_png = ops.parse_panoptic_png(_png(gt_ids, modes[0]))
+    pred_png = ops.parse_panoptic_png(_png(pred_ids, modes[1], compress_level=1))
+    assert (gt_png.height, gt_png.width, gt_png.channels) == (61, 83, 4 if modes[0] == "RGBA" else 3)
+    gt_id, pred_id, count = ops.panoptic_png_pair_counts(gt_png, pred_png)
+    for got, expected in zip((gt_id, pred_id, count), _sorted_pairs(gt_ids, pred_ids)):
+        assert np.array_equal(got.numpy(), expected)
+    # The per-thread inflate buffers are reused: a second, smaller pair must not see the first one's bytes.
+    small = _blocky_ids(rng, 9, 10, 3, 3)
+    got = ops.panoptic_png_pair_counts(ops.parse_panoptic_png(_png(small)), ops.parse_panoptic_png(_png(small)))
+    assert np.array_equal(got[2].numpy(), _sorted_pairs(small, small)[2])
+
+
+def test_pair_counts_of_pngs_of_different_sizes_is_an_error():
+    a = ops.parse_panoptic_png(_png(np.zeros((4, 5), np.int64)))
+    b = ops.parse_panoptic_png(_png(np.zeros((5, 4), np.int64)))
+    with pytest.raises(ValueError, match=r"prediction PNG is 4 x 5 \(width x height\) but the gt PNG is 5 x 4"):
+        ops.panoptic_png_pair_counts(a, b)
+
+
+@needs_compiled
+def test_pair_counts_bad_scanlines_name_the_argument():
+    good = filter_scanlines(np.zeros((2, 3, 3), np.uint8), [0, 2])
+    with pytest.raises(RuntimeError, match="needs 20 bytes of pred_scanlines, got 19"):
+        torch.ops.eyecool.panoptic_png_pair_counts(good, good[:19], 2, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="gt_scanlines must be a 1-d uint8 tensor"):
+        torch.ops.eyecool.panoptic_png_pair_counts(good.int(), good, 2, 3, 3, 3)
+    bad_filter = good.clone()
+    bad_filter[10] = 9
+    with pytest.raises(RuntimeError, match="row 1 has unknown filter type 9"):
+        torch.ops.eyecool.panoptic_png_pair_counts(good, bad_filter, 2, 3, 3, 3)
+
+
+@needs_compiled
+def test_pair_counts_opcheck():
+    gt = filter_scanlines(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3), [1, 4])
+    pred = filter_scanlines(np.full((2, 3, 4), 9, dtype=np.uint8), [0, 2])
+    torch.library.opcheck(torch.ops.eyecool.panoptic_png_pair_counts.default, (gt, pred, 2, 3, 3, 4))
+
+
 @needs_compiled
 def test_opcheck():
     scanlines = filter_scanlines(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3), [1, 4])
@@ -113,6 +198,9 @@ def test_decoding_without_the_compiled_extension():
         "rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)\n"
         "buf = io.BytesIO(); Image.fromarray(rgb).save(buf, format='PNG')\n"
         "assert np.array_equal(eyecool_ext.ops.decode_panoptic_png(buf.getvalue()).numpy(), ids)\n"
+        "png = eyecool_ext.ops.parse_panoptic_png(buf.getvalue())\n"
+        "_, _, count = eyecool_ext.ops.panoptic_png_pair_counts(png, png)\n"
+        "assert count.sum().item() == ids.size and len(count) == len(np.unique(ids))\n"
         "print('fallback ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

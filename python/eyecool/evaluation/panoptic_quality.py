@@ -16,9 +16,9 @@ The rules (DESIGN.md section 8, panopticapi's ``pq_compute_single_core``), per i
 Per category, ``PQ = sum IoU / (TP + FP/2 + FN/2)``, ``SQ = sum IoU / TP``, ``RQ = TP / (TP + FP/2 + FN/2)``;
 categories with no TP, FP or FN are left out of the averages; Things and Stuff average over ``isthing``.
 
-:func:`pq_compute` evaluates a folder of prediction PNGs (panopticapi's signature and return value); the
-PNGs are decoded in parallel threads (PIL releases the GIL while it decodes) and all per-pixel work is
-vectorised. :class:`eyecool.evaluation.PanopticEvaluator` uses the same per-image code on id maps in memory.
+:func:`pq_compute` evaluates a folder of prediction PNGs (panopticapi's signature and return value): images
+are processed in parallel threads, and each gt / prediction PNG pair is inflated, unfiltered and pair-counted
+in C++ with the GIL released, without either id map being written (``ops.panoptic_png_pair_counts``). :class:`eyecool.evaluation.PanopticEvaluator` uses the same per-image code on id maps in memory.
 """
 from __future__ import annotations
 
@@ -273,17 +273,15 @@ class PQStatistics:
 # Reading id maps
 
 
-def read_id_map(path: str, image_id=None) -> np.ndarray:
-    """A panoptic PNG -> ``int32 [H, W]`` segment ids (``R + 256 G + 256^2 B``).
-
-    8-bit RGB/RGBA PNGs (all panoptic PNGs) go through ``eyecool_ext.ops.decode_panoptic_png`` (zlib-ng and one
-    C++ pass, GIL released); any other PNG through PIL.
-    """
+def _read_bytes(path: str, image_id) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"image {image_id}: panoptic PNG {path} does not exist") from None
+
+
+def _ids_from_bytes(data: bytes) -> np.ndarray:
     try:
         return ops.decode_panoptic_png(data).numpy()
     except ops.UnsupportedPNG:
@@ -293,14 +291,44 @@ def read_id_map(path: str, image_id=None) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
+def read_id_map(path: str, image_id=None) -> np.ndarray:
+    """A panoptic PNG -> ``int32 [H, W]`` segment ids (``R + 256 G + 256^2 B``).
+
+    8-bit RGB/RGBA PNGs (all panoptic PNGs) go through ``eyecool_ext.ops.decode_panoptic_png`` (zlib-ng and one
+    C++ pass, GIL released); any other PNG through PIL.
+    """
+    return _ids_from_bytes(_read_bytes(path, image_id))
+
+
+def _size_mismatch(image_id, pred_width_height, gt_width_height) -> PanopticFormatError:
+    return PanopticFormatError(f"image {image_id}: the prediction is {tuple(pred_width_height)} (width, height) but "
+                               f"the gt is {tuple(gt_width_height)}")
+
+
+def file_pair_counts(gt_path: str, pred_path: str, image_id=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(gt_id, pred_id, count)`` int64 numpy arrays of a gt and a predicted panoptic PNG file.
+
+    8-bit RGB/RGBA PNGs are counted by ``eyecool_ext.ops.panoptic_png_pair_counts`` straight from their
+    scanlines (no id map is written); any other PNG is decoded with PIL first.
+    """
+    gt_data, pred_data = _read_bytes(gt_path, image_id), _read_bytes(pred_path, image_id)
+    try:
+        gt_png, pred_png = ops.parse_panoptic_png(gt_data), ops.parse_panoptic_png(pred_data)
+        if (gt_png.height, gt_png.width) != (pred_png.height, pred_png.width):
+            raise _size_mismatch(image_id, (pred_png.width, pred_png.height), (gt_png.width, gt_png.height))
+        gt_id, pred_id, count = ops.panoptic_png_pair_counts(gt_png, pred_png)
+        return gt_id.numpy(), pred_id.numpy(), count.numpy()
+    except ops.UnsupportedPNG:
+        return pair_counts(_ids_from_bytes(gt_data), _ids_from_bytes(pred_data), image_id)
+
+
 def pair_counts(gt_ids, pred_ids, image_id=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(gt_id, pred_id, count)`` int64 numpy arrays of two ``[H, W]`` id maps (numpy arrays or tensors, CUDA
     tensors stay on their device for the counting)."""
     gt = torch.as_tensor(gt_ids)
     pred = torch.as_tensor(pred_ids)
     if gt.shape != pred.shape:
-        raise PanopticFormatError(f"image {image_id}: the prediction is {tuple(pred.shape[-2:])[::-1]} (width, "
-                                  f"height) but the gt is {tuple(gt.shape[-2:])[::-1]}")
+        raise _size_mismatch(image_id, tuple(pred.shape[-2:])[::-1], tuple(gt.shape[-2:])[::-1])
     if pred.device != gt.device:
         gt = gt.to(pred.device)
     if gt.dtype != pred.dtype:
@@ -318,9 +346,8 @@ def _evaluate_files(gt_ann: Mapping, pred_ann: Mapping, gt_folder: str, pred_fol
     image_id = gt_ann["image_id"]
     gt_table = segment_table(gt_ann["segments_info"], categories, image_id, "gt")
     pred_table = segment_table(pred_ann["segments_info"], categories, image_id, "prediction")
-    gt_ids = read_id_map(os.path.join(gt_folder, gt_ann["file_name"]), image_id)
-    pred_ids = read_id_map(os.path.join(pred_folder, pred_ann["file_name"]), image_id)
-    pairs = pair_counts(gt_ids, pred_ids, image_id)
+    pairs = file_pair_counts(os.path.join(gt_folder, gt_ann["file_name"]),
+                             os.path.join(pred_folder, pred_ann["file_name"]), image_id)
     return match_segments(pairs, gt_table, pred_table, len(categories), image_id)
 
 

@@ -32,6 +32,7 @@ def test_ablate_writes_table_json_and_plot(tmp_path, capsys):
     result = json.loads((tmp_path / "ablation.json").read_text())
     assert [r["row"] for r in result["summary"]] == ["baseline", "dam_rff_prob"]
     assert set(result["summary"][0]) >= set(METRICS) | {"row", "label", "seeds"}
+    assert {"total_loss", "loss_rpn_cls"} <= set(result["runs"][0]["final_losses"])
     # Each row changes only DAM and RFF; the seed and the schedule are the same.
     baseline = load_config(tmp_path / "runs" / "baseline_seed0" / "config.yaml")
     prob = load_config(tmp_path / "runs" / "dam_rff_prob_seed0" / "config.yaml")

@@ -5,8 +5,8 @@ schedule, data and seeds, and evaluated on the val split.
 Everything else is the configuration (default ``configs/demo.yaml``); a row changes only ``model.dam.enabled``
 and ``model.rff.mode``. Each run trains into ``DIR/runs/<row>_seed<N>`` with ``eyecool.train``; a run whose
 ``metrics_eval.json`` is already there is read back instead of retrained, so an interrupted ablation continues
-where it stopped. After every run ``DIR/ablation.json`` (every run's PQ summary and training wall time, and per
-row the mean and the sample standard deviation over seeds), ``DIR/ablation.md`` (the table) and
+where it stopped. After every run ``DIR/ablation.json`` (every run's PQ summary, final training losses and wall
+time, and per row the mean and the sample standard deviation over seeds), ``DIR/ablation.md`` (the table) and
 ``DIR/ablation.png`` (the plot) are rewritten, so a partial ablation leaves a partial table.
 
     from eyecool.engine.ablation import run_ablation
@@ -36,6 +36,15 @@ ROWS = (
 )
 ROW_KEYS = tuple(key for key, _, _ in ROWS)
 METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+
+
+def final_losses(run_dir: str) -> Dict[str, float]:
+    """The losses of the last training row of ``run_dir/metrics.json`` (medians over its log period)."""
+    from .events import read_metrics
+
+    path = os.path.join(run_dir, "metrics.json")
+    rows = [r for r in read_metrics(path) if "total_loss" in r] if os.path.isfile(path) else []
+    return {k: round(v, 4) for k, v in rows[-1].items() if k.startswith("loss_") or k == "total_loss"} if rows else {}
 
 
 def schedule_overrides(max_iter: int, warmup_iters: Optional[int] = None) -> List[str]:
@@ -85,7 +94,7 @@ def plot_summary(summary: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any
 
     metrics = ("PQ", "PQ_th", "PQ_st")
     width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(2.2 * len(summary) + 2, 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.2 * len(summary) + 2), 4.5))
     for j, (metric, color) in enumerate(zip(metrics, ("#495057", "#1c7ed6", "#f59f00"))):
         xs = [i + (j - 1) * width for i in range(len(summary))]
         ax.bar(xs, [e[metric]["mean"] for e in summary], width, yerr=[e[metric]["std"] for e in summary],
@@ -111,7 +120,7 @@ def _write_outputs(out_dir: str, runs: List[Dict[str, Any]], settings: Dict[str,
             f"seeds.\n\n{markdown_table(summary)}\n")
     with open(os.path.join(out_dir, "ablation.md"), "w", encoding="utf-8") as f:
         f.write(text)
-    plot_summary(summary, runs, os.path.join(out_dir, "ablation.png"), f"{settings['schedule']}, seeds {seeds}")
+    plot_summary(summary, runs, os.path.join(out_dir, "ablation.png"), f"{settings['schedule']}\nseeds {seeds}")
     return summary
 
 
@@ -173,7 +182,8 @@ def run_ablation(out_dir: str, config: Optional[str] = None, overrides: Sequence
                 Path(time_file).write_text(f"{seconds}\n")
                 setup_logging(out_dir)  # train() pointed the log at the run's folder
             runs.append({"row": key, "label": label, "seed": seed, "dir": run_dir, "seconds": seconds,
-                         "read_back": read_back, "metrics": {m: float(metrics[m]) for m in METRICS}})
+                         "read_back": read_back, "metrics": {m: float(metrics[m]) for m in METRICS},
+                         "final_losses": final_losses(run_dir)})
             logger.info(f"ablation {label}, seed {seed}: PQ {metrics['PQ']:.1f} (things {metrics['PQ_th']:.1f}, "
                         f"stuff {metrics['PQ_st']:.1f})" + (" (read back)" if read_back else f" in {seconds:.0f} s"))
             summary = _write_outputs(out_dir, runs, settings)

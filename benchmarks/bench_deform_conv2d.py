@@ -1,8 +1,10 @@
 """deform_conv2d against torchvision and a dense convolution, at the layer of UPSNet's semantic head.
 
-The "DC subnet" runs deformable 3x3 convolutions on every FPN level (DESIGN.md section 5); its 256->128 layer
-(modulated, v2) at 64x64 (P3 of a 512x512 image) and 128x128 (P2), batch 1, forward and forward+backward.
-The dense ``conv2d`` of the same shape is the floor: deformable sampling can at best add nothing to it.
+The "DC subnet" runs deformable 3x3 convolutions on every FPN level (DESIGN.md section 5). COCO-sized: its
+256->128 layer (modulated, v2) at 64x64 (P3 of a 512x512 image) and 128x128 (P2), batch 1. Demo-sized: the
+demo network's first layer (``configs/demo.yaml``: DCN v1 as the network runs it, 64->64) on P2 of a batch of
+four 128-pixel images (4 x 32x32). Forward and forward+backward. The dense ``conv2d`` of the same shape is the
+floor: deformable sampling can at best add nothing to it.
 
     python benchmarks/bench_deform_conv2d.py [cpu|cuda]
 """
@@ -21,23 +23,33 @@ from timing import markdown_table, measure, row  # noqa: E402
 from eyecool_ext import ops  # noqa: E402
 
 IN_CHANNELS, OUT_CHANNELS = 256, 128
+# (case, batch, in channels, out channels, side, modulated)
+LAYERS = (
+    ("v2 256->128 3x3 64x64", 1, IN_CHANNELS, OUT_CHANNELS, 64, True),
+    ("v2 256->128 3x3 128x128", 1, IN_CHANNELS, OUT_CHANNELS, 128, True),
+    ("demo v1 64->64 3x3 4x32x32", 4, 64, 64, 32, False),
+)
 
 
-def layer_inputs(size: int, device: str, seed: int = 0):
-    """(input, offset, weight, bias, mask) of the 3x3 256->128 layer on a size x size map, padding 1."""
+def layer_inputs(size: int, device: str, seed: int = 0, batch: int = 1, in_channels: int = IN_CHANNELS,
+                 out_channels: int = OUT_CHANNELS, modulated: bool = True):
+    """(input, offset, weight, bias, mask) of a 3x3 layer on a batch of size x size maps, padding 1; mask is
+    None for DCN v1."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, IN_CHANNELS, size, size, generator=g)
-    offset = torch.randn(1, 18, size, size, generator=g) * 2  # a few pixels, like a trained DCN
-    weight = torch.randn(OUT_CHANNELS, IN_CHANNELS, 3, 3, generator=g) * 0.02
-    bias = torch.randn(OUT_CHANNELS, generator=g)
-    mask = torch.rand(1, 9, size, size, generator=g)
-    return [t.to(device) for t in (x, offset, weight, bias, mask)]
+    x = torch.randn(batch, in_channels, size, size, generator=g)
+    offset = torch.randn(batch, 18, size, size, generator=g) * 2  # a few pixels, like a trained DCN
+    weight = torch.randn(out_channels, in_channels, 3, 3, generator=g) * 0.02
+    bias = torch.randn(out_channels, generator=g)
+    mask = torch.rand(batch, 9, size, size, generator=g) if modulated else None
+    return [None if t is None else t.to(device) for t in (x, offset, weight, bias, mask)]
 
 
 def _forward_backward(fn, inputs, grad):
+    """``fn(*inputs)`` forward and backward; ``inputs`` may hold None (no mask)."""
     def run():
         for t in inputs:
-            t.grad = None
+            if t is not None:
+                t.grad = None
         fn(*inputs).backward(grad)
     return run
 
@@ -46,9 +58,9 @@ def cases(device: str = "cpu"):
     rows = []
     # torchvision's CPU kernel takes seconds per call at 128x128: fewer repeats for it.
     slow_peer = dict(warmup=1, repeat=3) if device == "cpu" else {}
-    for size in (64, 128):
-        case = f"v2 256->128 3x3 {size}x{size}"
-        x, offset, weight, bias, mask = layer_inputs(size, device)
+    for case, batch, cin, cout, size, modulated in LAYERS:
+        x, offset, weight, bias, mask = layer_inputs(size, device, batch=batch, in_channels=cin, out_channels=cout,
+                                                     modulated=modulated)
 
         def ours(x, offset, weight, bias, mask):
             return ops.deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask)
@@ -66,8 +78,8 @@ def cases(device: str = "cpu"):
                             measure(lambda: theirs(*args), device, **slow_peer)))
             rows.append(row("deform_conv2d", case + " fwd", device, "float32", ours_fwd, "dense conv2d",
                             measure(lambda: dense(*args), device)))
-        leaves = [t.clone().requires_grad_() for t in args]
-        grad = torch.randn(1, OUT_CHANNELS, size, size, device=device)
+        leaves = [None if t is None else t.clone().requires_grad_() for t in args]
+        grad = torch.randn(batch, cout, size, size, device=device)
         ours_fb = measure(_forward_backward(ours, leaves, grad), device)
         rows.append(row("deform_conv2d", case + " fwd+bwd", device, "float32", ours_fb, "torchvision",
                         measure(_forward_backward(theirs, leaves, grad), device, **slow_peer)))

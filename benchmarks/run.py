@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 
 import torch
 
@@ -28,7 +29,8 @@ def available_modules():
 def machine_description(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+            f"threads, torch {torch.__version__}")
 
 
 def plot_speedups(rows, path: str, title: str) -> None:
@@ -42,18 +44,20 @@ def plot_speedups(rows, path: str, title: str) -> None:
     rows = [r for r in rows if r.get("speedup")]
     if not rows:
         return
-    labels = [f"{r['op']}: {r['case']} vs {r['peer']}" for r in rows]
+    # Long case and peer names wrap, so the bars keep most of the width.
+    labels = [textwrap.fill(f"{r['op']}: {r['case']} vs {r['peer']}", 60) for r in rows]
     values = [r["speedup"] for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(12, 0.5 * len(rows) + 1.5))
     bars = ax.barh(range(len(rows)), values, color=["#2b8a3e" if v >= 1 else "#c92a2a" for v in values])
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.set_xlim(min(0.5, min(values) / 1.5), max(values) * 2.5)  # room for the value labels
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("speedup (peer time / eyecool time, log scale)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=10)
     for bar, v in zip(bars, values):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.2f}x", va="center", fontsize=8)
     fig.tight_layout()

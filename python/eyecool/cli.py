@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": "eyecool.engine.cli",
     "predict": "eyecool.engine.cli",
     "demo": "eyecool.engine.cli",
+    "ablate": "eyecool.engine.ablation",
     "pq": "eyecool.evaluation.cli",
 }
 

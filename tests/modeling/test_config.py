@@ -6,7 +6,7 @@ from eyecool.config import Config, load_config, packaged_config, save_config
 def test_defaults_are_the_coco_model():
     cfg = Config()
     assert cfg.model.backbone.depth == 50
-    assert cfg.model.dam.enabled and cfg.model.rff.mode == "logit" and cfg.model.rff.detach_fg
+    assert cfg.model.dam.enabled and cfg.model.rff.mode == "prob" and cfg.model.rff.detach_fg
     assert cfg.model.fpn.channels == 256
     assert cfg.model.rpn.batch_size_per_image == 256 and cfg.model.roi_heads.batch_size_per_image == 512
     assert cfg.model.loss_weights.sem == 0.2 and cfg.model.loss_weights.panoptic == 0.1

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {2: 3, 6: 4}  # PNG colour type -> bytes per pixel at bit depth 8
+_MAX_DEFLATE_RATIO = 1032  # the largest expansion a deflate stream can encode (258-byte matches in ~2 bits)
 
 
 class UnsupportedPNG(ValueError):
@@ -35,6 +36,11 @@ class UnsupportedPNG(ValueError):
 
 def _inflate(compressed: bytes, size: int) -> bytearray:
     """The zlib stream ``compressed`` inflated into a writable buffer of exactly ``size`` bytes."""
+    # Deflate expands at most ~1032:1, so a header that promises more than that is forged or truncated: refuse it
+    # before allocating the buffer it asks for (a 2^31-pixel-wide IHDR would otherwise allocate gigabytes).
+    if size > _MAX_DEFLATE_RATIO * len(compressed) + 1024:
+        raise UnsupportedPNG(f"the header promises {size} bytes of image data but only {len(compressed)} compressed "
+                             f"bytes follow (truncated or forged PNG)")
     try:
         if _zlibng_decode is not None:
             out = _zlibng_decode(compressed, out=bytearray(size))
@@ -96,6 +102,8 @@ def decode_panoptic_png(data: bytes) -> Tensor:
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         body = data[pos + 8:pos + 8 + length]
         if kind == b"IHDR":
+            if len(body) != 13:
+                raise UnsupportedPNG(f"IHDR chunk of {len(body)} bytes, expected 13 (truncated PNG?)")
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
             idat.append(body)

@@ -58,7 +58,7 @@ bench: install
 # (its LLVM aborts at import under ASan; torch.compile on the CPU does not need it). Any ASan error aborts the
 # run; any UBSan report fails the target. The full log is build/sanitize/report.txt.
 SANITIZE_DIR := build/sanitize
-SANITIZE_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -g
+SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -g
 SANITIZE_TESTS ?= tests/ops
 sanitize:
 	@test -x $(PY) || { echo "$(PY) not found: run make install first, or pass PY=/path/to/python"; exit 1; }

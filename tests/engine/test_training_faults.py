@@ -115,10 +115,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_nan_on_one_rank_stops_both_ranks_together(tmp_path):
+def _two_ranks(out_dir, fault):
+    """Runs ddp_fault_run.py as ranks 0 and 1; returns their exit statuses and the messages they stopped with."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path), OMP_NUM_THREADS="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    ranks = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_fault_run.py"), str(tmp_path)],
+    ranks = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_fault_run.py"), str(out_dir), fault],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
@@ -126,9 +127,25 @@ def test_nan_on_one_rank_stops_both_ranks_together(tmp_path):
     finally:
         for p in ranks:
             p.kill()
-    assert [p.returncode for p in ranks] == [3, 3], outputs
-    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    messages = [(out_dir / f"rank{r}.txt").read_text() if (out_dir / f"rank{r}.txt").exists() else outputs[r]
+                for r in range(2)]
+    return [p.returncode for p in ranks], messages
+
+
+def test_nan_on_one_rank_stops_both_ranks_together(tmp_path):
+    codes, messages = _two_ranks(tmp_path, "nan")
+    assert codes == [3, 3], messages
     assert all("non-finite loss at iteration 2" in m for m in messages), messages
     assert "rank 1: loss_reg = nan" in messages[1]
     assert "rank 0: (finite here, non-finite on another rank)" in messages[0]
     assert not (tmp_path / "model_final.pth").exists()
+
+
+def test_sigterm_on_one_rank_stops_both_ranks_after_the_same_iteration(tmp_path):
+    """Only rank 1 gets SIGTERM: both ranks agree to stop after iteration 3, take part in the checkpoint (rank 0
+    writes it, with both ranks' generators) and exit with 143."""
+    codes, messages = _two_ranks(tmp_path, "sigterm")
+    assert codes == [143, 143], messages
+    assert all("SIGTERM: stopped after iteration 3" in m for m in messages), messages
+    assert os.path.basename(last_checkpoint_path(str(tmp_path))) == "model_0000003.pth"
+    assert len(load_checkpoint(last_checkpoint_path(str(tmp_path)))["rng"]) == 2

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from . import distributed as du
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict_checked
 from .distributed import DistributedContext, init_distributed
 from .events import LOGGER_NAME, ProgressBar, setup_logging
 from .sampling import ShardSampler, build_training_stream
@@ -247,7 +247,7 @@ def _load_for_inference(cfg, weights: str, ctx: DistributedContext, categories=N
 
         categories = DatasetMeta.from_json_file(split_files(cfg, "val")[1]).to_categories()
     model = _build_model(cfg, categories, ctx.device)
-    model.load_state_dict(state["model"])
+    load_state_dict_checked(model, state["model"], weights)  # CheckpointError for another configuration
     model.eval()
     return model, categories
 

@@ -116,17 +116,21 @@ def _free_port():
 
 
 def _two_ranks(out_dir, fault):
-    """Runs ddp_fault_run.py as ranks 0 and 1; returns their exit statuses and the messages they stopped with."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path), OMP_NUM_THREADS="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    ranks = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_fault_run.py"), str(out_dir), fault],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        outputs = [p.communicate(timeout=180)[0] for p in ranks]
-    finally:
-        for p in ranks:
-            p.kill()
+    """Runs ddp_fault_run.py as ranks 0 and 1; returns their exit statuses and the messages they stopped with.
+    A rendezvous port taken by another process between choosing it and binding it is retried with another."""
+    for _ in range(3):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path), OMP_NUM_THREADS="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+        ranks = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_fault_run.py"), str(out_dir), fault],
+                                  env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for r in range(2)]
+        try:
+            outputs = [p.communicate(timeout=180)[0] for p in ranks]
+        finally:
+            for p in ranks:
+                p.kill()
+        if not any("address already in use" in out.lower() for out in outputs):
+            break
     messages = [(out_dir / f"rank{r}.txt").read_text() if (out_dir / f"rank{r}.txt").exists() else outputs[r]
                 for r in range(2)]
     return [p.returncode for p in ranks], messages

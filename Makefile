@@ -11,7 +11,7 @@ BUILD_CONFIG := FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_
 CONFIG_STAMP := build/.build-config
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean FORCE
+.PHONY: install test demo bench sanitize clean FORCE
 
 install: $(VENV)/.installed-package $(VENV)/.extension-built
 
@@ -48,6 +48,37 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/run.py --json bench_out/results.json
+
+# The CPU extension under AddressSanitizer and UBSan, then the op tests against it: a copy of the sources in
+# build/sanitize is built in place there (its own objects and .so; the normal build is untouched), python runs
+# with libasan preloaded (it must come first; leak checks off, as CPython itself never frees everything) and
+# libstdc++ after it (ASan's __cxa_throw interceptor aborts on the first C++ exception, i.e. every TORCH_CHECK,
+# unless libstdc++ is loaded when ASan starts), and
+# pytest runs from inside the copy so that its eyecool_ext is the one imported. triton is hidden from that python
+# (its LLVM aborts at import under ASan; torch.compile on the CPU does not need it). Any ASan error aborts the
+# run; any UBSan report fails the target. The full log is build/sanitize/report.txt.
+SANITIZE_DIR := build/sanitize
+SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -g
+SANITIZE_TESTS ?= tests/ops
+sanitize:
+	@test -x $(PY) || { echo "$(PY) not found: run make install first, or pass PY=/path/to/python"; exit 1; }
+	mkdir -p $(SANITIZE_DIR)/eyecool_ext $(SANITIZE_DIR)/site
+	echo 'import sys; sys.modules["triton"] = None  # written by make sanitize' > $(SANITIZE_DIR)/site/sitecustomize.py
+	rm -rf $(SANITIZE_DIR)/csrc && cp -rp setup.py pyproject.toml csrc $(SANITIZE_DIR)/
+	find $(SANITIZE_DIR)/eyecool_ext -name '*.py' -delete
+	cd eyecool_ext && find . -name '*.py' -exec cp -p --parents {} $(CURDIR)/$(SANITIZE_DIR)/eyecool_ext/ \;
+	cd $(SANITIZE_DIR) && CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="$(SANITIZE_FLAGS)" $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(SANITIZE_DIR) && PYTHONPATH=$(CURDIR)/$(SANITIZE_DIR)/site:$(CURDIR)/python LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(abspath $(PY)) -c "import eyecool_ext, sys; assert eyecool_ext.compiled() and '$(SANITIZE_DIR)' in eyecool_ext.__file__, eyecool_ext.__file__; print('sanitized build:', eyecool_ext.__file__)"
+	cd $(SANITIZE_DIR) && PYTHONPATH=$(CURDIR)/$(SANITIZE_DIR)/site:$(CURDIR)/python LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(abspath $(PY)) -m pytest $(addprefix $(CURDIR)/,$(SANITIZE_TESTS)) -q -p no:cacheprovider $(PYTEST_ARGS) \
+	  > report.txt 2>&1; status=$$?; tail -n 40 report.txt; exit $$status
+	@! grep -E "runtime error:|ERROR: AddressSanitizer" $(SANITIZE_DIR)/report.txt || \
+	  { echo "sanitizer findings: see $(SANITIZE_DIR)/report.txt"; exit 1; }
 
 clean:
 	rm -rf build eyecool_ext/_C*.so *.egg-info

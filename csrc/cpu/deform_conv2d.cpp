@@ -403,7 +403,10 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input_in, const at::Tenso
   const bool has_bias = bias_in.has_value();
   at::Tensor output;
   if (has_bias) {
-    output = bias_in->to(type).view({1, s.out_channels, 1, 1}).expand({s.batch, s.out_channels, s.out_h, s.out_w}).contiguous();
+    // A fresh tensor: expand().contiguous() of a [1, C_out, 1, 1] output would be the caller's bias itself, and the
+    // GEMM below would accumulate into it.
+    output = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, input_in.options().dtype(type));
+    output.copy_(bias_in->view({1, s.out_channels, 1, 1}));
   } else {
     output = at::zeros({s.batch, s.out_channels, s.out_h, s.out_w}, input_in.options().dtype(type));
   }

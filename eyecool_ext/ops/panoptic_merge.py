@@ -47,6 +47,8 @@ def upsnet_panoptic_merge(sem_logits: Tensor, num_stuff: int, boxes: Tensor, cla
     if not _extension.use_compiled("upsnet_panoptic_merge", sem_logits, boxes, classes, mask_logits):
         return reference.upsnet_panoptic_merge(sem_logits, num_stuff, boxes, classes, mask_logits, size)
     height, width = size if size is not None else sem_logits.shape[-2:]
+    if height == 0 or width == 0:  # nothing to label (the kernel refuses empty logits even for an empty output)
+        return torch.empty((height, width), dtype=torch.int64, device=sem_logits.device)
     return torch.ops.eyecool.upsnet_panoptic_merge(sem_logits, int(num_stuff), boxes, classes.long(), mask_logits,
                                                    int(height), int(width))
 

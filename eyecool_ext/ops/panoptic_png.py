@@ -137,6 +137,10 @@ def parse_panoptic_png(data: bytes) -> PanopticPNG:
     while pos + 8 <= size:
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         body = data[pos + 8:pos + 8 + length]
+        # The CRC guards against silently decoding flipped bytes into wrong segment ids (PIL checks it too).
+        crc = data[pos + 8 + length:pos + 12 + length]
+        if len(body) != length or len(crc) != 4 or zlib.crc32(kind + body) != struct.unpack(">I", crc)[0]:
+            raise UnsupportedPNG(f"chunk {kind!r} at byte {pos} is truncated or fails its CRC (corrupt PNG)")
         if kind == b"IHDR":
             if len(body) != 13:
                 raise UnsupportedPNG(f"IHDR chunk of {len(body)} bytes, expected 13 (truncated PNG?)")

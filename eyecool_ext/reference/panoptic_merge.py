@@ -47,11 +47,15 @@ def check_panoptic_merge_args(sem_logits: Tensor, num_stuff: int, boxes: Tensor,
     for name, t in (("boxes", boxes), ("classes", classes), ("mask_logits", mask_logits)):
         if t.device != sem_logits.device:
             raise ValueError(f"{name} must be on the device of sem_logits ({sem_logits.device}), got {t.device}")
-    # A value check needs the values (a device synchronisation, and a graph break under torch.compile, where the
+    # Value checks need the values (a device synchronisation, and a graph break under torch.compile, where the
     # CPU kernel still checks them and the CUDA kernel reads an out-of-range class as a 0 logit).
     if m and not torch.compiler.is_compiling() and (classes.min() < 0 or classes.max() >= channels - num_stuff):
         raise ValueError(f"classes must be thing indices in [0, {channels - num_stuff}), got values in "
                          f"[{int(classes.min())}, {int(classes.max())}]")
+    if m and not torch.compiler.is_compiling() and not bool(torch.isfinite(boxes).all()):
+        # An infinite box edge makes the mask's sampling position inf / inf: no answer to paste.
+        row = int(torch.nonzero(~torch.isfinite(boxes))[0, 0])
+        raise ValueError(f"boxes must be finite, got boxes[{row}] = {boxes[row].tolist()}")
     return None if output_size is None else pair(output_size, "output_size")
 
 
@@ -179,8 +183,8 @@ def heuristic_panoptic_merge(sem_seg: Tensor, num_stuff: int, masks: Tensor, sco
     out = torch.full_like(sem_seg, void, dtype=torch.int64)
     taken = torch.zeros_like(sem_seg, dtype=torch.bool)
     for i in torch.argsort(scores, descending=True, stable=True).tolist():
-        if float(scores[i]) < score_threshold:
-            break
+        if not float(scores[i]) >= score_threshold:  # also a NaN score, which argsort puts first
+            continue
         mask = masks[i].bool()
         area = int(mask.sum())
         if area == 0:

@@ -11,7 +11,7 @@ def batched_pq_pair_counts(gt_ids: Tensor, pred_ids: Tensor) -> Tuple[Tensor, Te
     """``[B, H, W]`` integer id maps -> ``(image_index, gt_id, pred_id, count)``, each ``int64 [P]``, sorted by
     (image, gt_id, pred_id)."""
     batch = gt_ids.shape[0]
-    image = torch.arange(batch, device=gt_ids.device).view(batch, 1).expand(batch, gt_ids[0].numel())
+    image = torch.arange(batch, device=gt_ids.device).view(batch, 1).expand(batch, gt_ids.shape[1] * gt_ids.shape[2])
     rows = torch.stack([image.reshape(-1), gt_ids.reshape(-1).long(), pred_ids.reshape(-1).long()], dim=1)
     if rows.shape[0] == 0:
         empty = rows.new_zeros((0,))

@@ -29,7 +29,8 @@ def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, max_g
     coord = start.view(-1, 1, 1) + p * bin_size.view(-1, 1, 1) + (i + 0.5) * bin_size.view(-1, 1, 1) / g
     used = i < grid.view(-1, 1, 1).to(dtype)
     inside = (coord >= -1.0) & (coord <= size)
-    coord = coord.clamp(min=0)
+    # A NaN coordinate (NaN box) is outside; give it a harmless index instead of casting NaN to an integer.
+    coord = torch.nan_to_num(coord, nan=0.0).clamp(min=0)
     low = coord.floor().clamp(max=size - 1).to(torch.long)
     at_edge = low >= size - 1
     high = torch.where(at_edge, low, low + 1)

@@ -168,6 +168,7 @@ class DataConfig:
     max_size: int = 1333  # longer side at most
     flip: bool = True  # random horizontal flip in training
     num_workers: int = 4
+    on_error: str = "raise"  # a broken image or JSON entry: "raise" stops the run, "skip" leaves it out with a warning
 
 
 @dataclass

@@ -12,7 +12,9 @@ R + 256 G + 256^2 B per pixel, 0 = void.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,6 +24,9 @@ from PIL import Image
 
 VOID_ID = 0
 IGNORE_LABEL = 255
+ON_ERROR_POLICIES = ("raise", "skip")
+
+logger = logging.getLogger("eyecool.data")
 
 _COCO_CATEGORIES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_panoptic_categories.json")
 
@@ -221,24 +226,69 @@ def check_segments(
 
 
 def load_panoptic_json(json_file: str) -> Tuple[Dict[str, Any], List[str]]:
-    """The JSON and the problems found in it alone (no files opened): annotations without an image entry and
-    images without an annotation. Category problems are per segment (``check_segments``)."""
-    with open(json_file) as f:
-        data = json.load(f)
-    problems = []
+    """The JSON and the problems found in it alone (no files opened): missing keys, images listed twice,
+    annotations without an image entry and images without an annotation. Category problems are per segment
+    (``check_segments``)."""
+    data, problems = _load_json_with_problems(json_file)
+    return data, [message for _, message in problems]
+
+
+def _load_json_with_problems(json_file: str) -> Tuple[Dict[str, Any], List[Tuple[Any, str]]]:
+    """``load_panoptic_json`` with each problem tagged by the image id it concerns (None: the whole file). The
+    entries with missing keys are dropped from ``data``, so the rest can be read."""
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        raise PanopticFormatError(f"{json_file}: cannot read the JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise PanopticFormatError(f"{json_file}: expected a JSON object with 'images', 'annotations' and "
+                                  f"'categories', got {type(data).__name__}")
+    problems: List[Tuple[Any, str]] = []
     for key in ("images", "annotations", "categories"):
-        if key not in data:
-            problems.append(f"{json_file}: no '{key}' list")
+        if not isinstance(data.get(key), list):
+            problems.append((None, f"{json_file}: no '{key}' list"))
             data[key] = []
-    image_ids = {img["id"] for img in data["images"]}
-    annotated = {ann["image_id"] for ann in data["annotations"]}
-    for ann in data["annotations"]:
-        if ann["image_id"] not in image_ids:
-            problems.append(f"{json_file}: annotation {ann['file_name']} names image_id {ann['image_id']}, "
-                            "which is not in 'images'")
-    for img in data["images"]:
+    images = []
+    for i, img in enumerate(data["images"]):
+        missing = [k for k in ("id", "file_name") if not isinstance(img, dict) or k not in img]
+        if missing:
+            problems.append((None, f"{json_file}: images[{i}] has no {', '.join(repr(k) for k in missing)}"))
+        else:
+            images.append(img)
+    annotations = []
+    for i, ann in enumerate(data["annotations"]):
+        missing = [k for k in ("image_id", "file_name", "segments_info") if not isinstance(ann, dict) or k not in ann]
+        if missing:
+            image_id = ann.get("image_id") if isinstance(ann, dict) else None
+            problems.append((image_id, f"{json_file}: annotations[{i}] (image_id {image_id}) has no "
+                                       f"{', '.join(repr(k) for k in missing)}"))
+            continue
+        bad = [j for j, seg in enumerate(ann["segments_info"])
+               if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg]
+        if bad:
+            problems.append((ann["image_id"], f"{json_file}: annotation {ann['file_name']}: segments_info[{bad[0]}] "
+                                              f"has no 'id' or no 'category_id'"))
+        annotations.append(ann)
+    data["images"], data["annotations"] = images, annotations
+    seen_images: Dict[Any, str] = {}
+    for img in images:
+        if img["id"] in seen_images:
+            problems.append((img["id"], f"{json_file}: image id {img['id']} is listed twice in 'images' "
+                                        f"({seen_images[img['id']]} and {img['file_name']})"))
+        seen_images.setdefault(img["id"], img["file_name"])
+    annotated: Dict[Any, str] = {}
+    for ann in annotations:
+        if ann["image_id"] not in seen_images:
+            problems.append((ann["image_id"], f"{json_file}: annotation {ann['file_name']} names image_id "
+                                              f"{ann['image_id']}, which is not in 'images'"))
+        if ann["image_id"] in annotated:
+            problems.append((ann["image_id"], f"{json_file}: image_id {ann['image_id']} has two annotations "
+                                              f"({annotated[ann['image_id']]} and {ann['file_name']})"))
+        annotated.setdefault(ann["image_id"], ann["file_name"])
+    for img in images:
         if img["id"] not in annotated:
-            problems.append(f"{json_file}: image {img['file_name']} (id {img['id']}) has no annotation")
+            problems.append((img["id"], f"{json_file}: image {img['file_name']} (id {img['id']}) has no annotation"))
     return data, problems
 
 
@@ -267,22 +317,44 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         image_id, file_name (image), orig_size ``(H0, W0)``, size ``(H, W)`` after the transforms
 
     A broken image (segment in the PNG but not the JSON or the reverse, unknown category, area mismatch,
-    missing file, image and PNG of different sizes) raises ``PanopticFormatError`` naming file and segment;
-    ``eyecool validate-data`` reports every such problem of a data set at once.
+    missing, corrupt or truncated file, image and PNG of different sizes) and a broken JSON entry (missing keys,
+    an image listed twice, an annotation without its image) are ``PanopticFormatError``s naming the file and the
+    segment; ``eyecool validate-data`` reports every such problem of a data set at once.
+
+    on_error: ``"raise"`` (default) stops at the first broken image or JSON entry; ``"skip"`` leaves it out with
+        a warning naming the file: broken JSON entries when the data set is opened (``skipped_images`` lists
+        them), broken files when an item is read (the next image is returned instead, and ``skipped`` counts
+        them in the process that read them). Problems of the whole file (no 'images' list, bad categories)
+        always raise.
     """
 
-    def __init__(self, image_dir: str, json_file: str, png_dir: str, transforms: Optional[Transform] = None):
+    def __init__(self, image_dir: str, json_file: str, png_dir: str, transforms: Optional[Transform] = None,
+                 on_error: str = "raise"):
+        if on_error not in ON_ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, got {on_error!r}")
         self.image_dir = image_dir
         self.json_file = json_file
         self.png_dir = png_dir
         self.transforms = transforms
-        data, problems = load_panoptic_json(json_file)
-        if problems:
-            raise PanopticFormatError("\n".join(problems))
-        self.meta = DatasetMeta.from_categories(data["categories"])
+        self.on_error = on_error
+        self.skipped = 0
+        data, problems = _load_json_with_problems(json_file)
+        fatal = [message for image_id, message in problems if image_id is None]
+        if problems and (on_error == "raise" or fatal):
+            raise PanopticFormatError("\n".join(message for _, message in problems))
+        try:
+            self.meta = DatasetMeta.from_categories(data["categories"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise PanopticFormatError(f"{json_file}: bad 'categories': {error}") from error
+        broken = {image_id for image_id, _ in problems}
+        for _, message in problems:
+            warnings.warn(f"skipping: {message}", RuntimeWarning, stacklevel=2)
         annotations = {ann["image_id"]: ann for ann in data["annotations"]}
-        self.images = list(data["images"])
+        self.images = [img for img in data["images"] if img["id"] not in broken]
+        self.skipped_images = sorted({str(i) for i in broken})
         self.annotations = [annotations[img["id"]] for img in self.images]
+        if not self.images:
+            raise PanopticFormatError(f"{json_file}: no usable image" + (f" ({len(broken)} skipped)" if broken else ""))
 
     # The label space, on the data set for convenience (``meta`` holds it without the data).
     @property
@@ -311,15 +383,36 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
+        if self.on_error == "raise":
+            return self._read(index)
+        # Skip: the next readable image instead (a map-style data set must return something for every index).
+        for attempt in range(len(self)):
+            position = (index + attempt) % len(self)
+            try:
+                return self._read(position)
+            except PanopticFormatError as error:
+                self.skipped += 1
+                warnings.warn(f"skipping image {position}: {error}", RuntimeWarning, stacklevel=2)
+        raise PanopticFormatError(f"{self.json_file}: none of the {len(self)} images can be read")
+
+    def _read(self, index: int) -> Dict[str, Any]:
         image_info, annotation = self.images[index], self.annotations[index]
         image_path = os.path.join(self.image_dir, image_info["file_name"])
         png_path = panoptic_png_path(self.png_dir, annotation)
         for path in (image_path, png_path):
             if not os.path.isfile(path):
                 raise PanopticFormatError(f"{path}: missing file (image_id {image_info['id']})")
-        with Image.open(image_path) as img:
-            image = np.asarray(img.convert("RGB"))
-        segment_ids = load_panoptic_png(png_path)
+        try:
+            with Image.open(image_path) as img:
+                image = np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as error:  # PIL: unidentified, truncated, broken chunks
+            raise PanopticFormatError(f"{image_path}: cannot read the image (corrupt or truncated?): "
+                                      f"{error}") from error
+        try:
+            segment_ids = load_panoptic_png(png_path)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise PanopticFormatError(f"{png_path}: cannot read the panoptic PNG (corrupt or truncated?): "
+                                      f"{error}") from error
         if image.shape[:2] != segment_ids.shape:
             raise PanopticFormatError(
                 f"{image_path}: image is {image.shape[1]}x{image.shape[0]} (WxH) but its PNG {png_path} is "

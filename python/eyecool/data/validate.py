@@ -41,14 +41,14 @@ def validate_dataset(json_file: str, png_dir: str, image_dir: Optional[str] = No
                 try:
                     with Image.open(image_path) as img:  # reads the header only
                         image_size = img.size
-                except OSError as error:
+                except (OSError, SyntaxError, ValueError) as error:
                     problems.append(f"{image_path}: cannot read the image: {error}")
         if not os.path.isfile(png_path):
             problems.append(f"{png_path}: missing file (image_id {annotation['image_id']})")
             continue
         try:
             segment_ids = load_panoptic_png(png_path)
-        except OSError as error:
+        except (OSError, SyntaxError, ValueError) as error:  # PIL raises SyntaxError for some broken chunks
             problems.append(f"{png_path}: cannot read the PNG: {error}")
             continue
         png_size = (segment_ids.shape[1], segment_ids.shape[0])

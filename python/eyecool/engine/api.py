@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from . import distributed as du
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict_checked
 from .distributed import DistributedContext, init_distributed
 from .events import LOGGER_NAME, ProgressBar, setup_logging
 from .sampling import ShardSampler, build_training_stream
@@ -66,7 +66,8 @@ def build_dataset(cfg, split: str, is_train: Optional[bool] = None):
 
     image_dir, json_file, png_dir = split_files(cfg, split)
     return CocoPanopticDataset(image_dir, json_file, png_dir,
-                               transforms=build_transforms(cfg, split == "train" if is_train is None else is_train))
+                               transforms=build_transforms(cfg, split == "train" if is_train is None else is_train),
+                               on_error=cfg.data.on_error)
 
 
 def _build_model(cfg, categories: Sequence[Dict[str, Any]], device: torch.device):
@@ -190,11 +191,12 @@ def train(cfg, out_dir: str, resume: bool = False) -> Dict[str, float]:
 
     ctx = init_distributed(cfg.device)
     setup_logging(out_dir, ctx.rank)
+    # The data sets are opened (and their JSON checked) first: a run that fails on bad data overwrites nothing.
+    train_set = build_dataset(cfg, "train")
+    val_set = build_dataset(cfg, "val")
     if ctx.is_main:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
         logger.info(f"configuration saved to {os.path.join(out_dir, 'config.yaml')}")
-    train_set = build_dataset(cfg, "train")
-    val_set = build_dataset(cfg, "val")
     categories = train_set.meta.to_categories()
     # The model is initialised from the run's seed on every rank (DDP then broadcasts rank 0's weights anyway);
     # the training draws (sampling of anchors, ROIs, kept instances) use seed + rank so the ranks differ.
@@ -245,7 +247,7 @@ def _load_for_inference(cfg, weights: str, ctx: DistributedContext, categories=N
 
         categories = DatasetMeta.from_json_file(split_files(cfg, "val")[1]).to_categories()
     model = _build_model(cfg, categories, ctx.device)
-    model.load_state_dict(state["model"])
+    load_state_dict_checked(model, state["model"], weights)  # CheckpointError for another configuration
     model.eval()
     return model, categories
 

@@ -4,19 +4,35 @@
 Files in the output folder: ``model_{iter:07d}.pth`` (periodic), ``model_final.pth`` and ``last_checkpoint``
 (one line: the file name of the newest checkpoint, which ``--resume`` reads). Every file is written to a
 temporary name in the same folder, flushed to disk and renamed over the target: a rename within one file system
-is atomic, so a crash at any moment leaves either the previous file or the new one, never a truncated one.
+is atomic, so a crash at any moment leaves either the previous file or the new one, never a truncated one; a
+failed write (a full disk) removes its temporary file and leaves the previous checkpoint and ``last_checkpoint``
+as they were.
+
+Loading refuses, with a ``CheckpointError`` naming the file, what is not a checkpoint: a truncated or corrupt
+file, and a pickle that holds anything but tensors and plain data (``weights_only=True``: loading a checkpoint
+never runs code from it). ``resume_candidates`` lists the checkpoints to try, newest first, so that ``--resume``
+falls back to the previous good one.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import pickle
 import random
+import re
 import tempfile
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 LAST_CHECKPOINT = "last_checkpoint"
+_PERIODIC = re.compile(r"model_(\d{7})\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A file that cannot be used as a checkpoint (unreadable, not weights-only, or not fitting the model)."""
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -59,9 +75,14 @@ def save_checkpoint(state: Dict[str, Any], out_dir: str, file_name: str) -> str:
         raise ValueError(f"not writing checkpoint {file_name}: non-finite values in {', '.join(bad[:5])}"
                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     path = os.path.join(out_dir, file_name)
-    _atomic_write(path, lambda f: torch.save(state, f))
-    # The pointer is updated only after the checkpoint is complete on disk.
-    _atomic_write(os.path.join(out_dir, LAST_CHECKPOINT), lambda f: f.write(file_name.encode()))
+    try:
+        _atomic_write(path, lambda f: torch.save(state, f))
+        # The pointer is updated only after the checkpoint is complete on disk.
+        _atomic_write(os.path.join(out_dir, LAST_CHECKPOINT), lambda f: f.write(file_name.encode()))
+    except OSError as error:
+        hint = " (disk full: free some space, then --resume)" if error.errno == errno.ENOSPC else ""
+        raise OSError(error.errno, f"could not write checkpoint {path}: {error.strerror or error}{hint}; the "
+                      f"previous checkpoint and {LAST_CHECKPOINT} are unchanged") from error
     return path
 
 
@@ -78,12 +99,45 @@ def last_checkpoint_path(out_dir: str) -> Optional[str]:
     return path
 
 
+def resume_candidates(out_dir: str) -> List[str]:
+    """The checkpoints of ``out_dir`` to resume from, best first: the one ``last_checkpoint`` names, then the
+    periodic ones from the newest iteration down (the fallbacks when a newer one cannot be loaded)."""
+    candidates = []
+    pointer = os.path.join(out_dir, LAST_CHECKPOINT)
+    if os.path.isfile(pointer):
+        with open(pointer, "r", encoding="utf-8", errors="replace") as f:
+            candidates.append(os.path.join(out_dir, f.read().strip()))
+    periodic = [p for p in glob.glob(os.path.join(out_dir, "model_*.pth")) if _PERIODIC.search(p)]
+    candidates += sorted(periodic, key=lambda p: int(_PERIODIC.search(p).group(1)), reverse=True)
+    unique = []
+    for path in candidates:
+        if path not in unique:
+            unique.append(path)
+    return unique
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """The checkpoint dict at ``path``; a bare state dict (e.g. torchvision weights) comes back as
-    ``{"model": state_dict}``."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    ``{"model": state_dict}``.
+
+    Raises ``CheckpointError`` naming the file when it is truncated or corrupt, or holds objects other than
+    tensors and plain data (weights_only=True: nothing in the file is executed), and FileNotFoundError when it is
+    missing.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain data, and checkpoints "
+            f"are loaded with weights_only=True so that no code in them runs. Only load such a file with "
+            f"torch.load(weights_only=False) if you trust its origin. ({str(error).splitlines()[0]})") from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt file?): "
+                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
     if "model" not in state:
         state = {"model": state}
     return state
@@ -93,8 +147,20 @@ def load_model_weights(model: torch.nn.Module, path: str) -> Dict[str, Any]:
     """Load the weights of checkpoint ``path`` into ``model`` (strictly: every key must match); returns the
     checkpoint dict."""
     state = load_checkpoint(path)
-    model.load_state_dict(state["model"])
+    load_state_dict_checked(model, state["model"], path)
     return state
+
+
+def load_state_dict_checked(module: Any, state_dict: Dict[str, Any], path: str) -> None:
+    """``module.load_state_dict(state_dict)`` (strict); a mismatch (a checkpoint of another configuration) is a
+    ``CheckpointError`` that names the file and the first differing keys and shapes."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:6] if len(lines) > 1 else lines[:1])
+        raise CheckpointError(f"{path} does not fit this {type(module).__name__} (a checkpoint of another "
+                              f"configuration?): {detail}") from error
 
 
 # ------------------------------------------------------------------------------------------------ RNG states

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, Iterator, Optional
 
@@ -17,14 +19,49 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as du
-from .checkpoint import (capture_rng_state, checkpoint_name, last_checkpoint_path, load_checkpoint,
-                         restore_rng_state, save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng_state, checkpoint_name, load_checkpoint,
+                         load_state_dict_checked, restore_rng_state, resume_candidates, save_checkpoint)
 from .distributed import DistributedContext
 from .events import LOGGER_NAME, MetricsWriter
 
 logger = logging.getLogger(LOGGER_NAME + ".engine")
 
 NONFINITE_POLICIES = ("stop", "skip")
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM stopped the run after a complete iteration, whose checkpoint was written (``--resume`` continues
+    from it). A ``SystemExit`` with status 143 (128 + SIGTERM), the convention for a process ended by SIGTERM, so
+    that an uncaught one exits quietly and schedulers see the usual status."""
+
+    def __init__(self, message: str):
+        super().__init__(128 + signal.SIGTERM)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _StopRequest:
+    """Turns SIGTERM (a scheduler's preemption, ``kill``, torchrun passing its own SIGTERM on) into a flag that
+    the loop reads between iterations, instead of dying in the middle of a step. Installed only in the main
+    thread (Python delivers signals there); the previous handler is restored on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def move_to_device(value: Any, device: torch.device) -> Any:
@@ -107,16 +144,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def resume(self, path: Optional[str] = None) -> bool:
-        """Restore model, optimizer, scheduler, scaler, RNG states and the iteration from ``path`` (default:
-        ``out_dir/last_checkpoint``). Returns False when there is nothing to resume from."""
-        path = path or (last_checkpoint_path(self.out_dir) if self.out_dir else None)
-        if path is None:
+        """Restore model, optimizer, scheduler, scaler, RNG states and the iteration from ``path`` (default: the
+        checkpoint ``out_dir/last_checkpoint`` names). Returns False when there is nothing to resume from.
+
+        Without ``path``, a checkpoint that cannot be used (truncated, corrupt, not weights-only, from another
+        configuration) is reported and the previous one is tried, newest first; CheckpointError when none works.
+        """
+        candidates = [path] if path else (resume_candidates(self.out_dir) if self.out_dir else [])
+        if not candidates:
             return False
+        failures = []
+        for candidate in candidates:
+            try:
+                self._restore(candidate)
+            except (CheckpointError, FileNotFoundError) as error:
+                failures.append(str(error))
+                logger.warning(f"cannot resume from {candidate}: {error}")
+                continue
+            if failures:
+                logger.warning(f"resumed from {candidate} instead, the newest checkpoint that loads")
+            return True
+        raise CheckpointError("no checkpoint to resume from could be loaded:\n  " + "\n  ".join(failures))
+
+    def _restore(self, path: str) -> None:
         # On the CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest to the parameters'
         # device.
         state = load_checkpoint(path, map_location="cpu")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        missing = [key for key in ("model", "optimizer", "scheduler", "iteration") if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: not a training checkpoint (no {', '.join(missing)}); weights alone "
+                                  f"cannot be resumed from")
+        load_state_dict_checked(self.model, state["model"], path)
+        load_state_dict_checked(self.optimizer, state["optimizer"], path)
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -186,9 +245,19 @@ class Trainer:
         self.ddp_model.train()
         logger.info(f"training from iteration {self.start_iter} to {self.max_iter} on {ctx.world_size} "
                     f"process(es), device {ctx.device}")
+        with _StopRequest() as stop:
+            self._loop(stream, writer, params, autocast, stop)
+        self.save("model_final.pth", self.max_iter - 1)
+        return self.run_evaluation(writer, self.max_iter - 1, final=True)
+
+    def _loop(self, stream, writer: MetricsWriter, params, autocast, stop: _StopRequest) -> None:
+        ctx = self.ctx
         iter_start = time.perf_counter()
         for iteration in range(self.start_iter, self.max_iter):
-            images, image_sizes, targets = next(stream)
+            try:
+                images, image_sizes, targets = next(stream)
+            except RuntimeError as error:  # e.g. a loader worker killed (out of memory): say where it happened
+                raise RuntimeError(f"loading the batch of iteration {iteration} failed: {error}") from error
             data_time = time.perf_counter() - iter_start
             images = move_to_device(images, ctx.device)
             targets = move_to_device(targets, ctx.device)
@@ -239,11 +308,19 @@ class Trainer:
             writer.write(iteration, lr)
 
             done = iteration + 1
+            saved = False
             if self.checkpoint_period and done % self.checkpoint_period == 0 and done < self.max_iter:
                 self.save(checkpoint_name(iteration), iteration)
+                saved = True
             if self.eval_period and done % self.eval_period == 0 and done < self.max_iter:
                 self.run_evaluation(writer, iteration)
+            # Synchronisation point (all-reduce): SIGTERM may reach the ranks during different iterations; they
+            # agree to stop after the same one, and all take part in the checkpoint's collective.
+            if done < self.max_iter and du.any_across_ranks(stop.requested, ctx.device):
+                if not saved:
+                    self.save(checkpoint_name(iteration), iteration)
+                message = (f"SIGTERM: stopped after iteration {iteration}, checkpoint {checkpoint_name(iteration)} "
+                           f"written; run again with --resume to continue")
+                logger.warning(message)
+                raise TrainingInterrupted(message)
             iter_start = time.perf_counter()
-
-        self.save("model_final.pth", self.max_iter - 1)
-        return self.run_evaluation(writer, self.max_iter - 1, final=True)

@@ -4,6 +4,7 @@ import torch
 
 from eyecool.engine import read_metrics
 from eyecool.engine.events import MetricsWriter
+from toy import make_toy_trainer
 
 
 def _log_three_iterations(writer: MetricsWriter) -> None:
@@ -41,3 +42,15 @@ def test_tensorboard_is_silent_off_the_main_process(tmp_path):
                            tensorboard=True)
     _log_three_iterations(writer)
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_training_with_tensorboard_logs_every_iteration(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_toy_trainer(str(tmp_path), max_iter=3, batch_size=4, tensorboard=True).train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [row["total_loss"] for row in read_metrics(str(tmp_path / "metrics.json")) if "total_loss" in row]
+    assert [e.step for e in events.Scalars("total_loss")] == [0, 1, 2]
+    assert [e.value for e in events.Scalars("total_loss")] == pytest.approx(logged)

@@ -71,7 +71,7 @@ def make_toy_trainer(out_dir: Optional[str], *, max_iter: int, batch_size: int, 
                      num_workers: int = 0, checkpoint_period: int = 0, log_period: int = 1, nonfinite: str = "stop",
                      nan_at_call: Optional[int] = None, dataset_size: int = 32, seed: int = 0,
                      stop_after_batches: Optional[int] = None, dropout: float = 0.2, amp: bool = False,
-                     clip_grad: float = 0.0) -> Trainer:
+                     clip_grad: float = 0.0, tensorboard: bool = False) -> Trainer:
     """A Trainer on the toy problem, seeded like ``eyecool.train`` does (model initialised from ``seed``, the
     training generators from ``seed + rank``). ``stop_after_batches``: the data stream raises
     KeyboardInterrupt when asked for one more batch (an interrupted run)."""
@@ -93,7 +93,7 @@ def make_toy_trainer(out_dir: Optional[str], *, max_iter: int, batch_size: int, 
 
     return Trainer(model, optimizer, scheduler, stream_factory, max_iter=max_iter, ctx=ctx, out_dir=out_dir,
                    checkpoint_period=checkpoint_period, log_period=log_period, nonfinite=nonfinite, amp=amp,
-                   clip_grad=clip_grad,
+                   clip_grad=clip_grad, tensorboard=tensorboard,
                    config={"seed": seed})
 
 

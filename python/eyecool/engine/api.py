@@ -225,7 +225,8 @@ def train(cfg, out_dir: str, resume: bool = False) -> Dict[str, float]:
         model, optimizer, scheduler, stream_factory, max_iter=s.max_iter, ctx=ctx, out_dir=out_dir, amp=s.amp,
         clip_grad=s.clip_grad, nonfinite=s.nonfinite_loss,
         checkpoint_period=cfg.output.checkpoint_period, eval_period=cfg.eval.period,
-        log_period=cfg.output.log_period, evaluate_fn=evaluate_fn, config=cfg.to_dict(),
+        log_period=cfg.output.log_period, tensorboard=cfg.output.tensorboard, evaluate_fn=evaluate_fn,
+        config=cfg.to_dict(),
         extra_state={"categories": categories},
         # A head may get no gradient in a step (e.g. the mask head when a batch has no positive ROI): DDP must
         # not wait for those gradients.

@@ -98,6 +98,7 @@ class Trainer:
         config: plain dict stored in every checkpoint (the resolved configuration).
         extra_state: more plain data stored in every checkpoint (e.g. the data set's categories).
         find_unused_parameters: DDP option; needed when some parameters get no gradient in some steps.
+        tensorboard: also write the logged scalars as TensorBoard events to ``out_dir/tensorboard``.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -106,7 +107,7 @@ class Trainer:
                  clip_grad: float = 0.0, nonfinite: str = "stop", checkpoint_period: int = 0, eval_period: int = 0,
                  log_period: int = 20, evaluate_fn: Optional[Callable[[nn.Module, bool], Dict[str, float]]] = None,
                  config: Optional[Dict[str, Any]] = None, extra_state: Optional[Dict[str, Any]] = None,
-                 find_unused_parameters: bool = False):
+                 find_unused_parameters: bool = False, tensorboard: bool = False):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         self.model = model
@@ -122,6 +123,7 @@ class Trainer:
         self.checkpoint_period = checkpoint_period
         self.eval_period = eval_period
         self.log_period = log_period
+        self.tensorboard = tensorboard
         self.evaluate_fn = evaluate_fn
         self.config = config or {}
         self.extra_state = extra_state or {}
@@ -235,7 +237,7 @@ class Trainer:
         """Run from ``start_iter`` to ``max_iter``; returns the final evaluation results (rank 0)."""
         ctx = self.ctx
         writer = MetricsWriter(self.out_dir, self.max_iter, self.log_period, ctx.device, enabled=ctx.is_main,
-                               start_iter=self.start_iter)
+                               start_iter=self.start_iter, tensorboard=self.tensorboard)
         stream = self.stream_factory(self.start_iter)
         # Restored after the stream is built: nothing that happens at start-up may consume the restored draws.
         if self._rng_to_restore is not None:
@@ -245,10 +247,13 @@ class Trainer:
         self.ddp_model.train()
         logger.info(f"training from iteration {self.start_iter} to {self.max_iter} on {ctx.world_size} "
                     f"process(es), device {ctx.device}")
-        with _StopRequest() as stop:
-            self._loop(stream, writer, params, autocast, stop)
-        self.save("model_final.pth", self.max_iter - 1)
-        return self.run_evaluation(writer, self.max_iter - 1, final=True)
+        try:
+            with _StopRequest() as stop:
+                self._loop(stream, writer, params, autocast, stop)
+            self.save("model_final.pth", self.max_iter - 1)
+            return self.run_evaluation(writer, self.max_iter - 1, final=True)
+        finally:
+            writer.close()
 
     def _loop(self, stream, writer: MetricsWriter, params, autocast, stop: _StopRequest) -> None:
         ctx = self.ctx

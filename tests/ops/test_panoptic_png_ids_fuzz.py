@@ -1,6 +1,6 @@
 """Property-based tests of the panoptic PNG decoder: ``panoptic_png_ids`` against the reference unfilter on
 generated scanlines (every filter type, also invalid ones, empty and one-pixel images, RGB and RGBA, buffers too
-short or longer than needed), and ``decode_panoptic_png`` on generated PNGs with corrupted, truncated or forged
+short or longer than needed), ``panoptic_png_pair_counts`` against the pair counts of the reference's id maps, and ``decode_panoptic_png`` on generated PNGs with corrupted, truncated or forged
 bytes (huge dimensions in the header, bad chunk lengths). Every case decodes to the reference ids or is refused
 with ``UnsupportedPNG`` / ``ValueError`` / ``RuntimeError`` and a message; none crashes or reads out of bounds.
 
@@ -19,6 +19,7 @@ from PIL import Image
 
 from eyecool_ext import ops, reference
 from fuzz_tools import fuzz, ran
+from op_tester import needs_compiled
 
 
 @fuzz
@@ -103,3 +104,34 @@ def test_decode_corrupted_png_never_crashes(height, width, mode, corruption, whe
         rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
     expected = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
     assert np.array_equal(ids.numpy(), expected)
+
+
+@needs_compiled
+@fuzz
+@given(st.integers(0, 5), st.integers(0, 5), st.sampled_from([3, 4]), st.sampled_from([3, 4]),
+       st.lists(st.integers(0, 4), min_size=5, max_size=5), st.lists(st.integers(0, 4), min_size=5, max_size=5),
+       st.integers(0, 2**16))
+def test_panoptic_png_pair_counts_matches_the_id_maps(height, width, gt_channels, pred_channels, gt_filters,
+                                                      pred_filters, seed):
+    """Pair counts straight from two images' scanlines equal ``pq_pair_counts`` of their decoded id maps, for
+    every mix of filter types (rows repeating the row above on one side, both or neither), sizes 0 and 1."""
+    ran("panoptic_png_pair_counts")
+    g = torch.Generator().manual_seed(seed)
+    scanlines = []
+    for channels, filters in ((gt_channels, gt_filters), (pred_channels, pred_filters)):
+        stride = 1 + width * channels
+        # Few distinct byte values, many zero residuals: repeated rows and long runs, as in real panoptic PNGs.
+        lines = torch.randint(0, 3, (height * stride,), generator=g, dtype=torch.uint8) * 40
+        lines[torch.rand(height * stride, generator=g) < 0.6] = 0
+        for y in range(height):
+            lines[y * stride] = filters[y]
+            if filters[y] == 2 and torch.rand((), generator=g) < 0.7:
+                lines[y * stride + 1:(y + 1) * stride] = 0  # an Up row with zero residuals repeats the row above
+        scanlines.append(lines)
+    gt_id, pred_id, count = torch.ops.eyecool.panoptic_png_pair_counts(*scanlines, height, width, gt_channels,
+                                                                        pred_channels)
+    gt_ids = reference.panoptic_png_ids(scanlines[0], height, width, gt_channels)
+    pred_ids = reference.panoptic_png_ids(scanlines[1], height, width, pred_channels)
+    expected = reference.pq_pair_counts(gt_ids, pred_ids)
+    for got, want in zip((gt_id, pred_id, count), expected):
+        assert torch.equal(got, want)

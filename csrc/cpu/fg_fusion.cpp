@@ -27,25 +27,16 @@
 #endif
 #include "fg_fusion.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define EYECOOL_X86 1
+#include "cpu/cpu_features.h"
+
+#if EYECOOL_X86
 #define EYECOOL_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define EYECOOL_X86 0
 #define EYECOOL_TARGET_AVX2
 #endif
 
 namespace eyecool {
 namespace {
-
-bool cpu_has_avx2() {
-#if EYECOOL_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // Softmax statistics of one row of pixels (base points at channel 0 of the row; channels are `plane` apart):
 // channel loop outside, pixel loop inside; writes the row's max, total and fg, and leaves each channel's

@@ -23,25 +23,16 @@
 #endif
 #include "panoptic_merge.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define EYECOOL_X86 1
+#include "cpu/cpu_features.h"
+
+#if EYECOOL_X86
 #define EYECOOL_TARGET_AVX2 __attribute__((target("avx2")))  // no FMA: sums must round as the header's do
 #else
-#define EYECOOL_X86 0
 #define EYECOOL_TARGET_AVX2
 #endif
 
 namespace eyecool {
 namespace {
-
-bool cpu_has_avx2() {
-#if EYECOOL_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // The pixels [first, stop) of a row of `size` whose centres lie on the box side [low, high): an interval,
 // since the test is monotone on either end. Estimated in double, then settled with the exact test.

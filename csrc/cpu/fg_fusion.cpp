@@ -132,6 +132,16 @@ void row_gradient_baseline(const acc_t* terms, scalar_t* grad_base, int64_t plan
   row_gradient_body<scalar_t, acc_t>(terms, grad_base, plane, channels, num_stuff, width, total, fg, grad_fg);
 }
 
+template <typename scalar_t, typename acc_t>
+void row_gradient(bool avx2, const acc_t* terms, scalar_t* grad_base, int64_t plane, int64_t channels,
+                  int64_t num_stuff, int64_t width, const acc_t* total, const acc_t* fg, const acc_t* grad_fg) {
+  if (avx2) {
+    row_gradient_avx2<scalar_t, acc_t>(terms, grad_base, plane, channels, num_stuff, width, total, fg, grad_fg);
+  } else {
+    row_gradient_baseline<scalar_t, acc_t>(terms, grad_base, plane, channels, num_stuff, width, total, fg, grad_fg);
+  }
+}
+
 // The kernels sweep bands of whole rows, which are contiguous runs of pixels in every channel plane: about 1024
 // pixels, so that each channel contributes a few KB of consecutive memory (the prefetchers follow that; with one
 // 128-pixel row per channel they would not) and the band's terms still fit in the L2 cache.
@@ -322,13 +332,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cpu(at::Tenso
         row_statistics<scalar_t, acc_t>(avx2, in + n * channels * plane + y_begin * width, plane, channels,
                                         num_stuff, pixels, row_max.data(), row_total.data(), band_fg, terms.data());
         scalar_t* dst = out + n * channels * plane + y_begin * width;
-        if (avx2) {
-          row_gradient_avx2<scalar_t, acc_t>(terms.data(), dst, plane, channels, num_stuff, pixels, row_total.data(),
-                                             band_fg, grad_fg.data());
-        } else {
-          row_gradient_baseline<scalar_t, acc_t>(terms.data(), dst, plane, channels, num_stuff, pixels,
-                                                 row_total.data(), band_fg, grad_fg.data());
-        }
+        row_gradient<scalar_t, acc_t>(avx2, terms.data(), dst, plane, channels, num_stuff, pixels, row_total.data(),
+                                      band_fg, grad_fg.data());
       }
     });
     // The RPN logits' gradient: d out / d r = gate'(r) * fg_cell.

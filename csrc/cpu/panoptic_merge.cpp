@@ -124,6 +124,13 @@ struct ResizedRow {
   }
 };
 
+// The resized logits of the row whose taps `row` holds.
+template <typename acc_t, typename scalar_t>
+ResizedRow<acc_t, scalar_t> resized_row(const RowState<acc_t, scalar_t>& row, const scalar_t* data, int64_t plane) {
+  return {data, plane, row.o00.data(), row.o01.data(), row.o10.data(), row.o11.data(),
+          row.w00.data(), row.w01.data(), row.w10.data(), row.w11.data()};
+}
+
 template <typename acc_t, typename SemRow>
 EYECOOL_TARGET_AVX2 void semantic_row_avx2(const SemRow& sem_row, int64_t channels, int64_t num_stuff, int64_t width,
                                            acc_t* best_value, int32_t* best_label, acc_t* thing_max) {
@@ -291,11 +298,8 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
           for (int64_t px = 0; px < width; ++px) {
             row.set_pixel(px, semantic_pixel<acc_t, scalar_t>(sem_ptr, in_h, in_w, height, width, px, py));
           }
-          const ResizedRow<acc_t, scalar_t> sem_row{sem_ptr, plane, row.o00.data(), row.o01.data(), row.o10.data(),
-                                                    row.o11.data(), row.w00.data(), row.w01.data(), row.w10.data(),
-                                                    row.w11.data()};
-          semantic_row<acc_t>(avx2, sem_row, channels, num_stuff, width, best_value, best_label,
-                              row.thing_max.data());
+          semantic_row<acc_t>(avx2, resized_row(row, sem_ptr, plane), channels, num_stuff, width, best_value,
+                              best_label, row.thing_max.data());
         } else {
           semantic_row<acc_t>(avx2, DirectRow<acc_t, scalar_t>{sem_ptr + py * in_w, plane}, channels, num_stuff,
                               width, best_value, best_label, row.thing_max.data());
@@ -316,9 +320,7 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
           const acc_t iy = mask_source_coord(cy, y1, y2, mask_h);
           acc_t* y = row.y.data();
           if (resized) {
-            const ResizedRow<acc_t, scalar_t> sem_row{sem_ptr, plane, row.o00.data(), row.o01.data(), row.o10.data(),
-                                                      row.o11.data(), row.w00.data(), row.w01.data(),
-                                                      row.w10.data(), row.w11.data()};
+            const ResizedRow<acc_t, scalar_t> sem_row = resized_row(row, sem_ptr, plane);
             for (int64_t px = first; px < stop; ++px) y[px] = sem_row(channel, px);
           } else {
             const scalar_t* channel_row = sem_ptr + channel * plane + py * in_w;

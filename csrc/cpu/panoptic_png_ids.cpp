@@ -26,25 +26,47 @@ bool row_is_zero(const uint8_t* bytes, int64_t length) {
   return any == 0;
 }
 
+// One image's rows, decoded one at a time into the ids of the current row.
+template <int BPP>
+class RowDecoder {
+ public:
+  // op names the op in the error of an unknown filter type.
+  RowDecoder(const uint8_t* src, int64_t width, const char* op)
+      : src_(src), op_(op), width_(width), length_(width * BPP), rows_(2 * length_ + 1, 0), ids_(width, 0) {
+    prior_ = rows_.data();
+    current_ = rows_.data() + length_;
+  }
+
+  // Decodes row y (rows are visited in order); returns false when it repeats row y - 1, whose ids stay.
+  bool next(int64_t y) {
+    const uint8_t* line = src_ + y * (1 + length_);
+    // An Up row with zero residuals repeats the row above (most rows of a panoptic PNG).
+    if (y > 0 && line[0] == 2 && row_is_zero(line + 1, length_)) return false;
+    TORCH_CHECK(unfilter_row<BPP>(line + 1, prior_, current_, length_, line[0]), op_, ": row ", y,
+                " has unknown filter type ", static_cast<int>(line[0]));
+    for (int64_t x = 0; x < width_; ++x) ids_[x] = pixel_segment_id(current_ + x * BPP);
+    std::swap(prior_, current_);
+    return true;
+  }
+
+  const int32_t* ids() const { return ids_.data(); }
+
+ private:
+  const uint8_t* src_;
+  const char* op_;
+  int64_t width_, length_;
+  std::vector<uint8_t> rows_;  // two rows, plus one byte so that pixel_segment_id may read 4 bytes at the end
+  std::vector<int32_t> ids_;
+  uint8_t* prior_;
+  uint8_t* current_;
+};
+
 template <int BPP>
 void decode_rows(const uint8_t* src, int64_t height, int64_t width, int32_t* out) {
-  const int64_t length = width * BPP, stride = 1 + length;
-  // Two rows, plus one byte so that pixel_segment_id may read 4 bytes at the last RGB pixel of the second.
-  std::vector<uint8_t> rows(2 * length + 1, 0);
-  uint8_t* prior = rows.data();
-  uint8_t* current = rows.data() + length;
+  RowDecoder<BPP> rows(src, width, "panoptic_png_ids");
   for (int64_t y = 0; y < height; ++y) {
-    const uint8_t* line = src + y * stride;
-    int32_t* out_row = out + y * width;
-    // An Up row with zero residuals repeats the row above (most rows of a panoptic PNG): copy its ids.
-    if (y > 0 && line[0] == 2 && row_is_zero(line + 1, length)) {
-      std::memcpy(out_row, out_row - width, width * sizeof(int32_t));
-      continue;
-    }
-    TORCH_CHECK(unfilter_row<BPP>(line + 1, prior, current, length, line[0]), "panoptic_png_ids: row ", y,
-                " has unknown filter type ", static_cast<int>(line[0]));
-    for (int64_t x = 0; x < width; ++x) out_row[x] = pixel_segment_id(current + x * BPP);
-    std::swap(prior, current);
+    rows.next(y);  // a repeated row keeps the previous ids
+    std::memcpy(out + y * width, rows.ids(), width * sizeof(int32_t));
   }
 }
 
@@ -77,46 +99,13 @@ at::Tensor panoptic_png_ids_cpu(const at::Tensor& scanlines_in, int64_t height, 
   return ids;
 }
 
-// One image's rows, decoded one at a time into the ids of the current row.
-template <int BPP>
-class RowDecoder {
- public:
-  RowDecoder(const uint8_t* src, int64_t width)
-      : src_(src), width_(width), length_(width * BPP), rows_(2 * length_ + 1, 0), ids_(width, 0) {
-    prior_ = rows_.data();
-    current_ = rows_.data() + length_;
-  }
-
-  // Decodes row y (rows are visited in order); returns false when it repeats row y - 1, whose ids stay.
-  bool next(int64_t y) {
-    const uint8_t* line = src_ + y * (1 + length_);
-    // An Up row with zero residuals repeats the row above (most rows of a panoptic PNG).
-    if (y > 0 && line[0] == 2 && row_is_zero(line + 1, length_)) return false;
-    TORCH_CHECK(unfilter_row<BPP>(line + 1, prior_, current_, length_, line[0]), "panoptic_png_pair_counts: row ",
-                y, " has unknown filter type ", static_cast<int>(line[0]));
-    for (int64_t x = 0; x < width_; ++x) ids_[x] = pixel_segment_id(current_ + x * BPP);
-    std::swap(prior_, current_);
-    return true;
-  }
-
-  const int32_t* ids() const { return ids_.data(); }
-
- private:
-  const uint8_t* src_;
-  int64_t width_, length_;
-  std::vector<uint8_t> rows_;  // two rows, plus one byte so that pixel_segment_id may read 4 bytes at the end
-  std::vector<int32_t> ids_;
-  uint8_t* prior_;
-  uint8_t* current_;
-};
-
 // Counts the pairs row by row. A row where neither image changes adds the previous row's runs again, so a
 // flat region costs one zero test per row and side.
 template <int GT_BPP, int PRED_BPP>
 void count_png_pairs(const uint8_t* gt_src, const uint8_t* pred_src, int64_t height, int64_t width,
                      PairCounter& counter) {
-  RowDecoder<GT_BPP> gt(gt_src, width);
-  RowDecoder<PRED_BPP> pred(pred_src, width);
+  RowDecoder<GT_BPP> gt(gt_src, width, "panoptic_png_pair_counts");
+  RowDecoder<PRED_BPP> pred(pred_src, width, "panoptic_png_pair_counts");
   RunList row;
   int64_t repeats = 0;  // rows that repeat row.runs and are not counted yet
   auto flush = [&] {

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from eyecool_ext import _extension, reference
+from eyecool_ext.ops.pq_pair_counts import pq_pair_counts
 
 try:  # zlib-ng: optional, only faster
     from imagecodecs import zlibng_decode as _zlibng_decode
@@ -194,7 +195,6 @@ def panoptic_png_pair_counts(gt: PanopticPNG, pred: PanopticPNG) -> Tuple[Tensor
         raise ValueError(f"the prediction PNG is {pred.width} x {pred.height} (width x height) but the gt PNG is "
                          f"{gt.width} x {gt.height}")
     if not _extension.use_compiled("panoptic_png_pair_counts"):
-        from eyecool_ext.ops.pq_pair_counts import pq_pair_counts
         # The same answer through the two id maps (decoded with PIL when no kernel is compiled).
         return pq_pair_counts(decode_panoptic_png(gt.data), decode_panoptic_png(pred.data))
     return torch.ops.eyecool.panoptic_png_pair_counts(_scanlines(gt, "gt"), _scanlines(pred, "pred"), gt.height,

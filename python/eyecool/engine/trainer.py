@@ -306,9 +306,13 @@ class Trainer:
             self.scheduler.step()
 
             # Synchronisation point (all-reduce): the logged losses are the mean over ranks, i.e. over the whole
-            # batch, so a logged curve does not depend on the number of processes.
+            # batch, so a logged curve does not depend on the number of processes. The same all-reduce carries the
+            # SIGTERM flag: the signal may reach the ranks during different iterations, and they must agree to stop
+            # after the same one (and all take part in that checkpoint's collectives).
             scalars = du.average_across_ranks({"total_loss": total_loss.item(),
-                                               **{n: v.item() for n, v in loss_dict.items()}}, ctx.device)
+                                               **{n: v.item() for n, v in loss_dict.items()},
+                                               "stop_requested": float(stop.requested)}, ctx.device)
+            stop_requested = scalars.pop("stop_requested") > 0
             writer.put(**scalars, data_time=data_time, time=time.perf_counter() - iter_start)
             writer.write(iteration, lr)
 
@@ -319,9 +323,7 @@ class Trainer:
                 saved = True
             if self.eval_period and done % self.eval_period == 0 and done < self.max_iter:
                 self.run_evaluation(writer, iteration)
-            # Synchronisation point (all-reduce): SIGTERM may reach the ranks during different iterations; they
-            # agree to stop after the same one, and all take part in the checkpoint's collective.
-            if done < self.max_iter and du.any_across_ranks(stop.requested, ctx.device):
+            if done < self.max_iter and stop_requested:
                 if not saved:
                     self.save(checkpoint_name(iteration), iteration)
                 message = (f"SIGTERM: stopped after iteration {iteration}, checkpoint {checkpoint_name(iteration)} "

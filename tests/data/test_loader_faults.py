@@ -4,9 +4,7 @@ problem stops with a PanopticFormatError naming the file; with ``"skip"`` the br
 warning naming it, and the rest is read. A run that fails on bad data overwrites nothing in its output folder."""
 import json
 import os
-import shutil
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -12,7 +12,6 @@ R + 256 G + 256^2 B per pixel, 0 = void.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ from PIL import Image
 VOID_ID = 0
 IGNORE_LABEL = 255
 ON_ERROR_POLICIES = ("raise", "skip")
-
-logger = logging.getLogger("eyecool.data")
 
 _COCO_CATEGORIES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_panoptic_categories.json")
 

@@ -5,12 +5,16 @@
 //   fg_l      = adaptive_avg_pool2d(fg, (H_l, W_l))
 //   out_l     = gate(r_l) * fg_l,     gate(r) = r ("logit") or sigmoid(r) ("prob")
 //   d fg / d x_c = softmax_c * ([c >= S] - fg)
+// The forward keeps each pixel's softmax statistics (max, total = sum of exp(x - max), fg) as a second output,
+// 3 values per pixel instead of the softmax's S + K, so that the backward needs one sweep over the logits.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string_view>
+
+#include <ATen/OpMathType.h>
 
 #include "common.h"
 
@@ -23,14 +27,14 @@ using std::exp;
 // exp(x) for the x <= 0 of the softmax (x - max). On the GPU it is the CUDA library's exp. On the host, float
 // uses a branch-free polynomial (Cephes' expf: range reduction by ln 2, degree-6 polynomial, relative error
 // below 2e-7) because the library's expf is a call that the compiler cannot vectorise without -ffast-math, and
-// the softmax loops are bound by it. Inputs below -87.3 (where expf turns denormal) return 0.
+// the softmax loops are bound by it. Inputs below -87.3 (where expf turns denormal), -inf included, return 0; NaN
+// stays NaN. Positive inputs are outside the contract (no clamp: its compare and blend would cost every call).
 EYECOOL_HD float exp_nonpositive(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
 #else
   const bool underflow = x < -87.33654f;
   x = underflow ? -87.33654f : x;
-  x = x > 0.f ? 0.f : x;
   // Round x / ln 2 to the nearest integer n with the 1.5 * 2^23 trick (n ends up in the low mantissa bits).
   const float shifter = 12582912.f;
   const float t = x * 1.44269504088896341f + shifter;
@@ -86,17 +90,17 @@ EYECOOL_HD T thing_softmax_fg(const ThingSoftmaxSum<T>& s) {
   return s.things / s.total;
 }
 
-// d loss / d x_c given grad_fg = d loss / d fg at the pixel and the channel's term exp(x_c - max).
+// d loss / d x_c = exp(x_c - max) * coefficient, with the pixel's coefficient for its thing channels or its stuff
+// channels: grad_fg * ([c >= S] - fg) / total (grad_fg = d loss / d fg at the pixel). With the forward's max and
+// total at hand, the backward is one exp and one multiply per logit.
 template <typename T>
-EYECOOL_HD T thing_softmax_grad_from_term(T term, T total, T fg, T grad_fg, bool is_thing) {
-  const T prob = term / total;
-  return grad_fg * prob * ((is_thing ? T(1) : T(0)) - fg);
+EYECOOL_HD T thing_softmax_grad_coefficient(T total, T fg, T grad_fg, bool is_thing) {
+  return grad_fg * ((is_thing ? T(1) : T(0)) - fg) / total;
 }
 
-// The same, recomputing the term from the logit and the pixel's max.
 template <typename T>
-EYECOOL_HD T thing_softmax_grad(T x, T max, T total, T fg, T grad_fg, bool is_thing) {
-  return thing_softmax_grad_from_term(softmax_term(x, max), total, fg, grad_fg, is_thing);
+EYECOOL_HD T thing_softmax_grad(T x, T max, T coefficient) {
+  return softmax_term(x, max) * coefficient;
 }
 
 // Adaptive average pooling bins (PyTorch's): output cell i of `out` cells over `in` inputs covers
@@ -129,17 +133,19 @@ EYECOOL_HD int64_t adaptive_bin_size(int64_t i, int64_t in, int64_t out) {
   return adaptive_bin_end(i, in, out) - adaptive_bin_start(i, in, out);
 }
 
-// gate(r) and d gate / d r: the paper multiplies the logit itself; "prob" gates the objectness probability.
+// gate(r) and d gate / d r: the paper multiplies the logit itself; "prob" gates the objectness probability. The
+// sigmoid takes exp of -|r| only (no overflow, and the exp above, which vectorises on the host).
 template <typename T>
 EYECOOL_HD T fusion_gate(T r, bool prob_mode) {
-  return prob_mode ? T(1) / (T(1) + exp(-r)) : r;
+  if (!prob_mode) return r;
+  const T e = exp_nonpositive(r < T(0) ? r : -r);  // exp(-|r|); NaN stays NaN
+  return (r < T(0) ? e : T(1)) / (T(1) + e);
 }
 
+// d gate / d r from the gate's value g = gate(r).
 template <typename T>
-EYECOOL_HD T fusion_gate_grad(T r, bool prob_mode) {
-  if (!prob_mode) return T(1);
-  const T s = T(1) / (T(1) + exp(-r));
-  return s * (T(1) - s);
+EYECOOL_HD T fusion_gate_grad(T gate, bool prob_mode) {
+  return prob_mode ? gate * (T(1) - gate) : T(1);
 }
 
 // ---- input checks (host only), shared by the CPU and CUDA entry points ----
@@ -176,6 +182,18 @@ inline void check_fg_fusion_grads(at::TensorList grads, at::TensorList rpn_logit
     check_same_dtype(grads[l], "grads[l]", rpn_logits[l], "rpn_logits[l]");
     check_same_device(grads[l], "grads[l]", rpn_logits[l], "rpn_logits[l]");
   }
+}
+
+// softmax_stats: [3, N, H, W] in the logits' op-math type (float for half and bfloat16): max, total, fg.
+inline void check_fg_fusion_stats(const at::Tensor& stats, const at::Tensor& sem_logits) {
+  const auto expected_dtype = at::toOpMathType(sem_logits.scalar_type());
+  TORCH_CHECK(stats.dim() == 4 && stats.size(0) == 3 && stats.size(1) == sem_logits.size(0) &&
+                  stats.size(2) == sem_logits.size(2) && stats.size(3) == sem_logits.size(3),
+              "_fg_fusion_backward: softmax_stats must be [3, N, H, W] = [3, ", sem_logits.size(0), ", ",
+              sem_logits.size(2), ", ", sem_logits.size(3), "] (the forward's second output), got ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == expected_dtype, "_fg_fusion_backward: softmax_stats must be ", expected_dtype,
+              " for ", sem_logits.scalar_type(), " logits, got ", stats.scalar_type());
+  check_same_device(stats, "softmax_stats", sem_logits, "sem_logits");
 }
 
 }  // namespace eyecool

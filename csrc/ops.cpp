@@ -43,11 +43,13 @@ TORCH_LIBRARY(eyecool, m) {
       "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
       "int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // RPN-FCN fusion: the RPN logits of every level gated by the pooled foreground probability of the semantic
-  // logits (the sum of the thing channels' softmax). mode is "logit" (the paper) or "prob".
-  m.def("fg_fusion(Tensor sem_logits, Tensor[] rpn_logits, int num_stuff, str mode) -> Tensor[]");
+  // logits (the sum of the thing channels' softmax). mode is "logit" (the paper) or "prob". The second output,
+  // softmax_stats [3, N, H, W] (op-math dtype: each pixel's softmax max, sum of exp(x - max), and fg), is what
+  // the backward reads instead of recomputing the softmax.
+  m.def("fg_fusion(Tensor sem_logits, Tensor[] rpn_logits, int num_stuff, str mode) -> (Tensor[], Tensor)");
   m.def(
-      "_fg_fusion_backward(Tensor[] grads, Tensor sem_logits, Tensor[] rpn_logits, int num_stuff, str mode) "
-      "-> (Tensor, Tensor[])");
+      "_fg_fusion_backward(Tensor[] grads, Tensor sem_logits, Tensor[] rpn_logits, Tensor softmax_stats, "
+      "int num_stuff, str mode) -> (Tensor, Tensor[])");
   // UPSNet's panoptic merge for one image: per-pixel argmax of the (stuff, instances, unknown) logit stack,
   // with sem_logits bilinearly resized to (height, width) on the fly. Inference only (no backward).
   m.def(

@@ -1,15 +1,15 @@
 // RPN-FCN fusion on the CPU.
 //
 // Both passes work on a band of image rows at a time (channels x ~1024 pixels, a few hundred KB that stay in
-// cache), parallel over bands, with the pixel loop innermost (contiguous, vectorised) and the softmax in two sweeps over
-// the row's channels: the max, then the sums of exp(x - max).
-// Forward: only the one-channel foreground map is written; the levels are then pooled from that map.
-// Backward: d loss / d pooled cell does not depend on fg, so it is computed first; then one sweep per band
-// recomputes the statistics (keeping each channel's exp term in a row buffer, so the gradient needs no second
-// exp), gathers d loss / d fg from every level's bins and writes the logits' gradient; the RPN logits' gradient
-// comes last, from the fg map that sweep wrote.
+// cache), parallel over bands, with the pixel loop innermost (contiguous, vectorised).
+// Forward: the softmax in two sweeps over the band's channels (the max, then the sums of exp(x - max)); only the
+// per-pixel statistics are written (max, total, fg: the op's second output), and the levels are pooled from fg.
+// Backward: one loop over the levels' cells computes the RPN logits' gradient (from the saved fg) and
+// d loss / d pooled cell; then one sweep per band gathers d loss / d fg from every level's bins and writes the
+// logits' gradient, exp(x - max) * coefficient, reading each logit once (no softmax statistics recomputed).
 // Every output element is owned by one thread, so results do not depend on the thread count. The row loops are
-// compiled twice, for AVX2+FMA and for the baseline ISA, and chosen at run time (8 lanes instead of 4).
+// compiled three times, for AVX-512, for AVX2+FMA and for the baseline ISA, and chosen at run time (16, 8 or 4
+// float lanes; the exp polynomial is what bounds them).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -31,146 +31,229 @@
 
 #if EYECOOL_X86
 #define EYECOOL_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// 512-bit vectors: GCC's default tuning would split them into 256-bit halves.
+#define EYECOOL_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")))
 #else
 #define EYECOOL_TARGET_AVX2
+#define EYECOOL_TARGET_AVX512
 #endif
 
 namespace eyecool {
 namespace {
 
-// Softmax statistics of one row of pixels (base points at channel 0 of the row; channels are `plane` apart):
-// channel loop outside, pixel loop inside; writes the row's max, total and fg, and leaves each channel's
-// exp(x - max) in `terms` (channels x width, contiguous) for the gradient. The first sweep copies the row into
-// `terms`: the channel rows of the input lie a plane apart, a stride that maps them all to the same cache sets,
-// so the second sweep would otherwise read them from memory again.
+// The instruction set a row loop was compiled for, chosen once per call.
+enum class RowIsa { kBaseline, kAvx2, kAvx512 };
+
+RowIsa row_isa() {
+  if (cpu_has_avx512()) return RowIsa::kAvx512;
+  if (cpu_has_avx2()) return RowIsa::kAvx2;
+  return RowIsa::kBaseline;
+}
+
+// Softmax statistics of a band of pixels (base points at channel 0 of the band; channels are `plane` apart):
+// channel loop outside, pixel loop inside; writes each pixel's max, total and fg. The first sweep copies the band
+// into `staged` (channels x pixels, contiguous): the channel rows of the input lie a plane apart, a stride that
+// maps them all to the same cache sets, so the second sweep would otherwise read them from memory again.
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void row_statistics_body(const scalar_t* base, int64_t plane, int64_t channels,
-                                                               int64_t num_stuff, int64_t width, acc_t* row_max,
-                                                               acc_t* row_total, acc_t* fg, acc_t* terms) {
-  for (int64_t x = 0; x < width; ++x) row_max[x] = terms[x] = static_cast<acc_t>(base[x]);
+__attribute__((always_inline)) inline void band_statistics_body(const scalar_t* base, int64_t plane,
+                                                                int64_t channels, int64_t num_stuff, int64_t pixels,
+                                                                acc_t* max, acc_t* total, acc_t* fg,
+                                                                acc_t* staged) {
+  for (int64_t x = 0; x < pixels; ++x) max[x] = staged[x] = static_cast<acc_t>(base[x]);
   for (int64_t c = 1; c < channels; ++c) {
     const scalar_t* channel_row = base + c * plane;
-    acc_t* channel_terms = terms + c * width;
+    acc_t* channel_staged = staged + c * pixels;
 #pragma omp simd
-    for (int64_t x = 0; x < width; ++x) {
+    for (int64_t x = 0; x < pixels; ++x) {
       const acc_t v = static_cast<acc_t>(channel_row[x]);
-      channel_terms[x] = v;
-      row_max[x] = softmax_max_update<acc_t>(row_max[x], v);
+      channel_staged[x] = v;
+      max[x] = softmax_max_update<acc_t>(max[x], v);
     }
   }
-  for (int64_t x = 0; x < width; ++x) row_total[x] = fg[x] = acc_t(0);  // fg: the running thing sum until the end
+  for (int64_t x = 0; x < pixels; ++x) total[x] = fg[x] = acc_t(0);  // fg: the running thing sum until the end
   for (int64_t c = 0; c < channels; ++c) {
     const bool is_thing = c >= num_stuff;
-    acc_t* channel_terms = terms + c * width;
+    const acc_t* channel_staged = staged + c * pixels;
 #pragma omp simd
-    for (int64_t x = 0; x < width; ++x) {
-      ThingSoftmaxSum<acc_t> s{row_max[x], row_total[x], fg[x]};
-      const acc_t term = softmax_term<acc_t>(channel_terms[x], s.max);
-      thing_softmax_accumulate<acc_t>(s, term, is_thing);
-      row_total[x] = s.total;
+    for (int64_t x = 0; x < pixels; ++x) {
+      ThingSoftmaxSum<acc_t> s{max[x], total[x], fg[x]};
+      thing_softmax_accumulate<acc_t>(s, softmax_term<acc_t>(channel_staged[x], s.max), is_thing);
+      total[x] = s.total;
       fg[x] = s.things;
-      channel_terms[x] = term;
     }
   }
-  for (int64_t x = 0; x < width; ++x) {
-    fg[x] = thing_softmax_fg(ThingSoftmaxSum<acc_t>{row_max[x], row_total[x], fg[x]});
-  }
+  for (int64_t x = 0; x < pixels; ++x) fg[x] = thing_softmax_fg(ThingSoftmaxSum<acc_t>{max[x], total[x], fg[x]});
 }
 
-// d loss / d logits of one row of pixels, from the row's exp terms, statistics and d loss / d fg.
+// d loss / d logits of a band of pixels: exp(x - max) times the pixel's thing or stuff coefficient.
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void row_gradient_body(const acc_t* terms, scalar_t* grad_base, int64_t plane,
-                                                             int64_t channels, int64_t num_stuff, int64_t width,
-                                                             const acc_t* total, const acc_t* fg,
-                                                             const acc_t* grad_fg) {
+__attribute__((always_inline)) inline void band_gradient_body(const scalar_t* base, scalar_t* grad_base,
+                                                              int64_t plane, int64_t channels, int64_t num_stuff,
+                                                              int64_t pixels, const acc_t* max,
+                                                              const acc_t* thing_coefficient,
+                                                              const acc_t* stuff_coefficient) {
   for (int64_t c = 0; c < channels; ++c) {
-    const bool is_thing = c >= num_stuff;
-    const acc_t* src = terms + c * width;
+    const acc_t* coefficient = c >= num_stuff ? thing_coefficient : stuff_coefficient;
+    const scalar_t* src = base + c * plane;
     scalar_t* dst = grad_base + c * plane;
 #pragma omp simd
-    for (int64_t x = 0; x < width; ++x) {
-      dst[x] = static_cast<scalar_t>(
-          thing_softmax_grad_from_term<acc_t>(src[x], total[x], fg[x], grad_fg[x], is_thing));
+    for (int64_t x = 0; x < pixels; ++x) {
+      dst[x] = static_cast<scalar_t>(thing_softmax_grad<acc_t>(static_cast<acc_t>(src[x]), max[x], coefficient[x]));
     }
   }
 }
 
+// One anchor row of a level: out = gate(r) * fg_cell. prob_mode is hoisted out of the loop, which vectorises
+// (the sigmoid's exp is the header's polynomial).
 template <typename scalar_t, typename acc_t>
-EYECOOL_TARGET_AVX2 void row_statistics_avx2(const scalar_t* base, int64_t plane, int64_t channels, int64_t num_stuff,
-                                             int64_t width, acc_t* row_max, acc_t* row_total, acc_t* fg,
-                                             acc_t* terms) {
-  row_statistics_body<scalar_t, acc_t>(base, plane, channels, num_stuff, width, row_max, row_total, fg, terms);
-}
-
-template <typename scalar_t, typename acc_t>
-void row_statistics_baseline(const scalar_t* base, int64_t plane, int64_t channels, int64_t num_stuff, int64_t width,
-                             acc_t* row_max, acc_t* row_total, acc_t* fg, acc_t* terms) {
-  row_statistics_body<scalar_t, acc_t>(base, plane, channels, num_stuff, width, row_max, row_total, fg, terms);
-}
-
-template <typename scalar_t, typename acc_t>
-void row_statistics(bool avx2, const scalar_t* base, int64_t plane, int64_t channels, int64_t num_stuff,
-                    int64_t width, acc_t* row_max, acc_t* row_total, acc_t* fg, acc_t* terms) {
-  if (avx2) {
-    row_statistics_avx2<scalar_t, acc_t>(base, plane, channels, num_stuff, width, row_max, row_total, fg, terms);
+__attribute__((always_inline)) inline void level_row_forward_body(const scalar_t* r, scalar_t* out,
+                                                                  const acc_t* fg_cells, int64_t width,
+                                                                  bool prob_mode) {
+  if (prob_mode) {
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      out[j] = static_cast<scalar_t>(fusion_gate<acc_t>(static_cast<acc_t>(r[j]), true) * fg_cells[j]);
+    }
   } else {
-    row_statistics_baseline<scalar_t, acc_t>(base, plane, channels, num_stuff, width, row_max, row_total, fg, terms);
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      out[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) * fg_cells[j]);
+    }
   }
 }
 
+// One anchor row of a level's backward: grad_r = grad_out * fg_cell * gate'(r), and cell_grad += grad_out * gate(r).
 template <typename scalar_t, typename acc_t>
-EYECOOL_TARGET_AVX2 void row_gradient_avx2(const acc_t* terms, scalar_t* grad_base, int64_t plane, int64_t channels,
-                                           int64_t num_stuff, int64_t width, const acc_t* total, const acc_t* fg,
-                                           const acc_t* grad_fg) {
-  row_gradient_body<scalar_t, acc_t>(terms, grad_base, plane, channels, num_stuff, width, total, fg, grad_fg);
-}
-
-template <typename scalar_t, typename acc_t>
-void row_gradient_baseline(const acc_t* terms, scalar_t* grad_base, int64_t plane, int64_t channels,
-                           int64_t num_stuff, int64_t width, const acc_t* total, const acc_t* fg,
-                           const acc_t* grad_fg) {
-  row_gradient_body<scalar_t, acc_t>(terms, grad_base, plane, channels, num_stuff, width, total, fg, grad_fg);
-}
-
-template <typename scalar_t, typename acc_t>
-void row_gradient(bool avx2, const acc_t* terms, scalar_t* grad_base, int64_t plane, int64_t channels,
-                  int64_t num_stuff, int64_t width, const acc_t* total, const acc_t* fg, const acc_t* grad_fg) {
-  if (avx2) {
-    row_gradient_avx2<scalar_t, acc_t>(terms, grad_base, plane, channels, num_stuff, width, total, fg, grad_fg);
+__attribute__((always_inline)) inline void level_row_backward_body(const scalar_t* r, const scalar_t* grad_out,
+                                                                   scalar_t* grad_r, const acc_t* fg_cells,
+                                                                   acc_t* cell_grad, int64_t width, bool prob_mode) {
+  if (prob_mode) {
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const acc_t go = static_cast<acc_t>(grad_out[j]);
+      const acc_t gate = fusion_gate<acc_t>(static_cast<acc_t>(r[j]), true);
+      grad_r[j] = static_cast<scalar_t>(go * fg_cells[j] * fusion_gate_grad<acc_t>(gate, true));
+      cell_grad[j] += go * gate;
+    }
   } else {
-    row_gradient_baseline<scalar_t, acc_t>(terms, grad_base, plane, channels, num_stuff, width, total, fg, grad_fg);
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const acc_t go = static_cast<acc_t>(grad_out[j]);
+      grad_r[j] = static_cast<scalar_t>(go * fg_cells[j]);
+      cell_grad[j] += go * static_cast<acc_t>(r[j]);
+    }
   }
 }
+
+// The three compiled variants of each row loop and the run-time choice among them.
+#define EYECOOL_ROW_LOOP_VARIANTS(name, params, args)                                                        \
+  template <typename scalar_t, typename acc_t>                                                           \
+  EYECOOL_TARGET_AVX512 void name##_avx512 params { name##_body<scalar_t, acc_t> args; }                 \
+  template <typename scalar_t, typename acc_t>                                                           \
+  EYECOOL_TARGET_AVX2 void name##_avx2 params { name##_body<scalar_t, acc_t> args; }                     \
+  template <typename scalar_t, typename acc_t>                                                           \
+  void name##_baseline params { name##_body<scalar_t, acc_t> args; }                                     \
+  template <typename scalar_t, typename acc_t>                                                           \
+  void name(RowIsa isa, EYECOOL_UNPAREN params) {                                                        \
+    switch (isa) {                                                                                       \
+      case RowIsa::kAvx512: return name##_avx512<scalar_t, acc_t> args;                                  \
+      case RowIsa::kAvx2: return name##_avx2<scalar_t, acc_t> args;                                      \
+      default: return name##_baseline<scalar_t, acc_t> args;                                             \
+    }                                                                                                    \
+  }
+#define EYECOOL_UNPAREN(...) __VA_ARGS__
+
+EYECOOL_ROW_LOOP_VARIANTS(band_statistics,
+                      (const scalar_t* base, int64_t plane, int64_t channels, int64_t num_stuff, int64_t pixels,
+                       acc_t* max, acc_t* total, acc_t* fg, acc_t* staged),
+                      (base, plane, channels, num_stuff, pixels, max, total, fg, staged))
+EYECOOL_ROW_LOOP_VARIANTS(band_gradient,
+                      (const scalar_t* base, scalar_t* grad_base, int64_t plane, int64_t channels, int64_t num_stuff,
+                       int64_t pixels, const acc_t* max, const acc_t* thing_coefficient,
+                       const acc_t* stuff_coefficient),
+                      (base, grad_base, plane, channels, num_stuff, pixels, max, thing_coefficient,
+                       stuff_coefficient))
+EYECOOL_ROW_LOOP_VARIANTS(level_row_forward,
+                      (const scalar_t* r, scalar_t* out, const acc_t* fg_cells, int64_t width, bool prob_mode),
+                      (r, out, fg_cells, width, prob_mode))
+EYECOOL_ROW_LOOP_VARIANTS(level_row_backward,
+                      (const scalar_t* r, const scalar_t* grad_out, scalar_t* grad_r, const acc_t* fg_cells,
+                       acc_t* cell_grad, int64_t width, bool prob_mode),
+                      (r, grad_out, grad_r, fg_cells, cell_grad, width, prob_mode))
+#undef EYECOOL_ROW_LOOP_VARIANTS
+#undef EYECOOL_UNPAREN
 
 // The kernels sweep bands of whole rows, which are contiguous runs of pixels in every channel plane: about 1024
 // pixels, so that each channel contributes a few KB of consecutive memory (the prefetchers follow that; with one
-// 128-pixel row per channel they would not) and the band's terms still fit in the L2 cache.
+// 128-pixel row per channel they would not) and the band's staged logits still fit in the L2 cache.
 int64_t band_rows(int64_t height, int64_t width) {
   return std::max<int64_t>(1, std::min<int64_t>(height, 1024 / std::max<int64_t>(width, 1)));
 }
 
-// The foreground map [N, H, W] (acc_t) of every image.
+// The softmax statistics [3, N, H, W] (acc_t: max, total, fg) of every pixel.
 template <typename scalar_t, typename acc_t>
-at::Tensor foreground_map(const at::Tensor& sem, int64_t num_stuff) {
+at::Tensor softmax_statistics(const at::Tensor& sem, int64_t num_stuff) {
   const int64_t batch = sem.size(0), channels = sem.size(1), height = sem.size(2), width = sem.size(3);
-  at::Tensor fg_map = at::empty({batch, height, width}, sem.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor stats =
+      at::empty({3, batch, height, width}, sem.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const scalar_t* in = sem.data_ptr<scalar_t>();
-  acc_t* fg = fg_map.data_ptr<acc_t>();
-  const int64_t plane = height * width;
-  const bool avx2 = cpu_has_avx2();
+  const int64_t plane = height * width, stat_plane = batch * plane;
+  acc_t* max = stats.data_ptr<acc_t>();
+  acc_t* total = max + stat_plane;
+  acc_t* fg = total + stat_plane;
+  const RowIsa isa = row_isa();
   const int64_t rows_per_band = band_rows(height, width), bands = (height + rows_per_band - 1) / rows_per_band;
   at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
-    const int64_t band_pixels = rows_per_band * width;
-    std::vector<acc_t> row_max(band_pixels), row_total(band_pixels), terms(channels * band_pixels);
+    std::vector<acc_t> staged(channels * rows_per_band * width);
     for (int64_t nb = begin; nb < end; ++nb) {
       const int64_t n = nb / bands, y = (nb % bands) * rows_per_band;
-      const int64_t pixels = (std::min(height, y + rows_per_band) - y) * width;
-      row_statistics<scalar_t, acc_t>(avx2, in + n * channels * plane + y * width, plane, channels, num_stuff,
-                                      pixels, row_max.data(), row_total.data(), fg + n * plane + y * width,
-                                      terms.data());
+      const int64_t pixels = (std::min(height, y + rows_per_band) - y) * width, offset = n * plane + y * width;
+      band_statistics<scalar_t, acc_t>(isa, in + n * channels * plane + y * width, plane, channels, num_stuff,
+                                       pixels, max + offset, total + offset, fg + offset, staged.data());
     }
   });
-  return fg_map;
+  return stats;
+}
+
+// The column geometry of one level's adaptive pooling, computed once per call (the integer divisions would
+// otherwise dominate the level loops): each cell's pixel columns and each pixel column's cells.
+struct LevelColumns {
+  std::vector<int64_t> cell_begin, cell_end;     // per cell j: pixel columns [begin, end)
+  std::vector<int64_t> pixel_first, pixel_stop;  // per pixel column x: cells [first, stop)
+  bool one_cell_per_pixel = true;                // no overlapping bins (out_w divides width, or width divides out_w)
+
+  LevelColumns(int64_t width, int64_t out_w) {
+    for (int64_t j = 0; j < out_w; ++j) {
+      cell_begin.push_back(adaptive_bin_start(j, width, out_w));
+      cell_end.push_back(adaptive_bin_end(j, width, out_w));
+    }
+    for (int64_t x = 0; x < width; ++x) {
+      pixel_first.push_back(adaptive_first_bin(x, width, out_w));
+      pixel_stop.push_back(adaptive_stop_bin(x, width, out_w));
+      one_cell_per_pixel = one_cell_per_pixel && pixel_stop.back() - pixel_first.back() == 1;
+    }
+  }
+};
+
+// The pooled fg of row i of a level's out_h-row grid, into `cells` (one per level column): the bin's image rows
+// summed into `row_sum` first (vectorised), then each cell's columns.
+template <typename acc_t>
+void level_row_fg(const acc_t* fg, int64_t height, int64_t width, int64_t i, int64_t out_h,
+                  const LevelColumns& columns, std::vector<acc_t>& row_sum, std::vector<acc_t>& cells) {
+  const int64_t y0 = adaptive_bin_start(i, height, out_h), y1 = adaptive_bin_end(i, height, out_h);
+  row_sum.assign(fg + y0 * width, fg + (y0 + 1) * width);
+  for (int64_t y = y0 + 1; y < y1; ++y) {
+    for (int64_t x = 0; x < width; ++x) row_sum[x] += fg[y * width + x];
+  }
+  const int64_t out_w = static_cast<int64_t>(columns.cell_begin.size());
+  cells.resize(out_w);
+  for (int64_t j = 0; j < out_w; ++j) {
+    const int64_t x0 = columns.cell_begin[j], x1 = columns.cell_end[j];
+    acc_t sum = 0;
+    for (int64_t x = x0; x < x1; ++x) sum += row_sum[x];
+    cells[j] = sum / static_cast<acc_t>((y1 - y0) * (x1 - x0));
+  }
 }
 
 // The rows of every level's output grid, numbered across levels, so that one parallel region covers all levels
@@ -197,50 +280,57 @@ struct LevelRows {
   }
 };
 
-std::vector<at::Tensor> fg_fusion_forward_cpu(const at::Tensor& sem_logits, at::TensorList rpn_logits,
-                                              int64_t num_stuff, c10::string_view mode) {
+std::tuple<std::vector<at::Tensor>, at::Tensor> fg_fusion_forward_cpu(const at::Tensor& sem_logits,
+                                                                       at::TensorList rpn_logits, int64_t num_stuff,
+                                                                       c10::string_view mode) {
   check_fg_fusion_inputs(sem_logits, rpn_logits, num_stuff, "fg_fusion");
   const bool prob_mode = fg_fusion_prob_mode(mode);
   std::vector<at::Tensor> outputs;
   for (const auto& r : rpn_logits) outputs.push_back(at::empty(r.sizes(), r.options()));
+  const int64_t batch = sem_logits.size(0), height = sem_logits.size(2), width = sem_logits.size(3);
   if (sem_logits.numel() == 0) {
     for (auto& o : outputs) o.zero_();
-    return outputs;
+    const auto acc_dtype = at::toOpMathType(sem_logits.scalar_type());
+    return {outputs, at::zeros({3, batch, height, width}, sem_logits.options().dtype(acc_dtype))};
   }
   const at::Tensor sem = sem_logits.contiguous();
+  at::Tensor stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "fg_fusion_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor fg_map = foreground_map<scalar_t, acc_t>(sem, num_stuff);
+    stats = softmax_statistics<scalar_t, acc_t>(sem, num_stuff);
     std::vector<at::Tensor> levels;
     for (const auto& r : rpn_logits) levels.push_back(r.contiguous());
-    const LevelRows rows(levels, sem.size(0));
-    const int64_t height = sem.size(2), width = sem.size(3);
-    const acc_t* fg = fg_map.data_ptr<acc_t>();
+    const LevelRows rows(levels, batch);
+    const acc_t* fg = stats.data_ptr<acc_t>() + 2 * batch * height * width;
+    const RowIsa isa = row_isa();
+    std::vector<LevelColumns> columns;
+    for (const auto& level : levels) columns.emplace_back(width, level.size(3));
     at::parallel_for(0, rows.total(), 8, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> fg_cells, row_sum;
       for (int64_t row = begin; row < end; ++row) {
         const auto [l, n, i] = rows.locate(row, levels);
         const int64_t anchors = levels[l].size(1), out_h = levels[l].size(2), out_w = levels[l].size(3);
-        const scalar_t* src = levels[l].data_ptr<scalar_t>();
-        scalar_t* dst = outputs[l].data_ptr<scalar_t>();
-        for (int64_t j = 0; j < out_w; ++j) {
-          const acc_t fg_cell = adaptive_bin_mean(fg + n * height * width, height, width, i, j, out_h, out_w);
-          for (int64_t a = 0; a < anchors; ++a) {
-            const int64_t idx = ((n * anchors + a) * out_h + i) * out_w + j;
-            dst[idx] = static_cast<scalar_t>(fusion_gate<acc_t>(static_cast<acc_t>(src[idx]), prob_mode) * fg_cell);
-          }
+        level_row_fg(fg + n * height * width, height, width, i, out_h, columns[l], row_sum, fg_cells);
+        for (int64_t a = 0; a < anchors; ++a) {
+          const int64_t offset = ((n * anchors + a) * out_h + i) * out_w;
+          level_row_forward<scalar_t, acc_t>(isa, levels[l].data_ptr<scalar_t>() + offset,
+                                             outputs[l].data_ptr<scalar_t>() + offset, fg_cells.data(), out_w,
+                                             prob_mode);
         }
       }
     });
   });
-  return outputs;
+  return {outputs, stats};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cpu(at::TensorList grads,
                                                                        const at::Tensor& sem_logits,
-                                                                       at::TensorList rpn_logits, int64_t num_stuff,
-                                                                       c10::string_view mode) {
+                                                                       at::TensorList rpn_logits,
+                                                                       const at::Tensor& softmax_stats,
+                                                                       int64_t num_stuff, c10::string_view mode) {
   check_fg_fusion_inputs(sem_logits, rpn_logits, num_stuff, "_fg_fusion_backward");
   check_fg_fusion_grads(grads, rpn_logits);
+  check_fg_fusion_stats(softmax_stats, sem_logits);
   const bool prob_mode = fg_fusion_prob_mode(mode);
   const int64_t batch = sem_logits.size(0), channels = sem_logits.size(1), height = sem_logits.size(2),
                 width = sem_logits.size(3);
@@ -253,9 +343,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cpu(at::Tenso
     return {grad_sem, grad_rpn};
   }
   const at::Tensor sem = sem_logits.contiguous();
+  const at::Tensor stats = softmax_stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "fg_fusion_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t plane = height * width;
+    const int64_t plane = height * width, stat_plane = batch * plane;
+    const acc_t* max = stats.data_ptr<acc_t>();
+    const acc_t* total = max + stat_plane;
+    const acc_t* fg = total + stat_plane;
     const auto acc_options = sem.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     // Per level: the gradient of each pooled cell, already divided by its bin area, [N, H_l, W_l].
     std::vector<at::Tensor> levels, level_grads, grad_cells;
@@ -267,48 +361,45 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cpu(at::Tenso
       level_w.push_back(levels[l].size(3));
       grad_cells.push_back(at::empty({batch, level_h[l], level_w[l]}, acc_options));
     }
+    // Per cell: d out / d r = gate'(r) * fg_cell for the RPN logits, and d loss / d fg_cell = sum over anchors of
+    // d loss / d out * gate(r).
     const LevelRows rows(levels, batch);
+    const RowIsa isa = row_isa();
+    std::vector<LevelColumns> columns;
+    for (size_t l = 0; l < levels.size(); ++l) columns.emplace_back(width, level_w[l]);
     at::parallel_for(0, rows.total(), 8, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> fg_cells, row_sum, cell_grad;
       for (int64_t row = begin; row < end; ++row) {
         const auto [l, n, i] = rows.locate(row, levels);
         const int64_t anchors = levels[l].size(1), out_h = level_h[l], out_w = level_w[l];
-        const scalar_t* r_ptr = levels[l].data_ptr<scalar_t>();
-        const scalar_t* go_ptr = level_grads[l].data_ptr<scalar_t>();
-        acc_t* gc_ptr = grad_cells[l].data_ptr<acc_t>() + (n * out_h + i) * out_w;
+        level_row_fg(fg + n * plane, height, width, i, out_h, columns[l], row_sum, fg_cells);
+        cell_grad.assign(out_w, acc_t(0));
+        for (int64_t a = 0; a < anchors; ++a) {
+          const int64_t offset = ((n * anchors + a) * out_h + i) * out_w;
+          level_row_backward<scalar_t, acc_t>(isa, levels[l].data_ptr<scalar_t>() + offset,
+                                              level_grads[l].data_ptr<scalar_t>() + offset,
+                                              grad_rpn[l].data_ptr<scalar_t>() + offset, fg_cells.data(),
+                                              cell_grad.data(), out_w, prob_mode);
+        }
+        acc_t* gc_row = grad_cells[l].data_ptr<acc_t>() + (n * out_h + i) * out_w;
+        const int64_t bin_h = adaptive_bin_size(i, height, out_h);
         for (int64_t j = 0; j < out_w; ++j) {
-          acc_t grad_fg = 0;
-          for (int64_t a = 0; a < anchors; ++a) {
-            const int64_t idx = ((n * anchors + a) * out_h + i) * out_w + j;
-            grad_fg += static_cast<acc_t>(go_ptr[idx]) * fusion_gate<acc_t>(static_cast<acc_t>(r_ptr[idx]), prob_mode);
-          }
-          gc_ptr[j] = grad_fg / static_cast<acc_t>(adaptive_bin_size(i, height, out_h) *
-                                                   adaptive_bin_size(j, width, out_w));
+          gc_row[j] = cell_grad[j] / static_cast<acc_t>(bin_h * (columns[l].cell_end[j] - columns[l].cell_begin[j]));
         }
       }
     });
-    const at::Tensor fg_map = at::empty({batch, height, width}, acc_options);
-    acc_t* fg = fg_map.data_ptr<acc_t>();
     const scalar_t* in = sem.data_ptr<scalar_t>();
     scalar_t* out = grad_sem.data_ptr<scalar_t>();
-    const bool avx2 = cpu_has_avx2();
-    // Per level, the cells [first, stop) whose bins hold each pixel column: the same for every row, and the
-    // integer divisions they take would otherwise dominate the gather.
-    std::vector<std::vector<int64_t>> column_first(levels.size()), column_stop(levels.size());
-    for (size_t l = 0; l < levels.size(); ++l) {
-      for (int64_t x = 0; x < width; ++x) {
-        column_first[l].push_back(adaptive_first_bin(x, width, level_w[l]));
-        column_stop[l].push_back(adaptive_stop_bin(x, width, level_w[l]));
-      }
-    }
     const int64_t rows_per_band = band_rows(height, width), bands = (height + rows_per_band - 1) / rows_per_band;
     at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
       const int64_t band_pixels = rows_per_band * width;
-      std::vector<acc_t> grad_fg(band_pixels), row_max(band_pixels), row_total(band_pixels),
-          terms(channels * band_pixels);
+      std::vector<acc_t> grad_fg(band_pixels), thing_coefficient(band_pixels), stuff_coefficient(band_pixels),
+          row_cells;
       for (int64_t nb = begin; nb < end; ++nb) {
         const int64_t n = nb / bands, y_begin = (nb % bands) * rows_per_band;
         const int64_t y_end = std::min(height, y_begin + rows_per_band), pixels = (y_end - y_begin) * width;
-        // d loss / d fg at each pixel of the band: the sum over levels of the cells whose bins hold the pixel.
+        // d loss / d fg at each pixel of the band: the sum over levels of the cells whose bins hold the pixel
+        // (the cells of the pixel's level rows summed first, then each pixel column's cells).
         std::fill(grad_fg.begin(), grad_fg.end(), acc_t(0));
         for (int64_t y = y_begin; y < y_end; ++y) {
           acc_t* row_grad_fg = grad_fg.data() + (y - y_begin) * width;
@@ -316,43 +407,32 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cpu(at::Tenso
             const int64_t out_h = level_h[l], out_w = level_w[l];
             const acc_t* gc = grad_cells[l].data_ptr<acc_t>() + n * out_h * out_w;
             const int64_t i0 = adaptive_first_bin(y, height, out_h), i1 = adaptive_stop_bin(y, height, out_h);
-            const int64_t* first = column_first[l].data();
-            const int64_t* stop = column_stop[l].data();
-            for (int64_t x = 0; x < width; ++x) {
-              const int64_t j0 = first[x], j1 = stop[x];
-              acc_t sum = 0;
-              for (int64_t i = i0; i < i1; ++i) {
-                for (int64_t j = j0; j < j1; ++j) sum += gc[i * out_w + j];
+            if (i0 >= i1) continue;  // a level without rows
+            row_cells.assign(gc + i0 * out_w, gc + (i0 + 1) * out_w);
+            for (int64_t i = i0 + 1; i < i1; ++i) {
+              for (int64_t j = 0; j < out_w; ++j) row_cells[j] += gc[i * out_w + j];
+            }
+            const int64_t* first = columns[l].pixel_first.data();
+            const int64_t* stop = columns[l].pixel_stop.data();
+            if (columns[l].one_cell_per_pixel) {
+              for (int64_t x = 0; x < width; ++x) row_grad_fg[x] += row_cells[first[x]];
+            } else {
+              for (int64_t x = 0; x < width; ++x) {
+                acc_t sum = 0;
+                for (int64_t j = first[x]; j < stop[x]; ++j) sum += row_cells[j];
+                row_grad_fg[x] += sum;
               }
-              row_grad_fg[x] += sum;
             }
           }
         }
-        acc_t* band_fg = fg + n * plane + y_begin * width;
-        row_statistics<scalar_t, acc_t>(avx2, in + n * channels * plane + y_begin * width, plane, channels,
-                                        num_stuff, pixels, row_max.data(), row_total.data(), band_fg, terms.data());
-        scalar_t* dst = out + n * channels * plane + y_begin * width;
-        row_gradient<scalar_t, acc_t>(avx2, terms.data(), dst, plane, channels, num_stuff, pixels, row_total.data(),
-                                      band_fg, grad_fg.data());
-      }
-    });
-    // The RPN logits' gradient: d out / d r = gate'(r) * fg_cell.
-    at::parallel_for(0, rows.total(), 8, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const auto [l, n, i] = rows.locate(row, levels);
-        const int64_t anchors = levels[l].size(1), out_h = level_h[l], out_w = level_w[l];
-        const scalar_t* r_ptr = levels[l].data_ptr<scalar_t>();
-        const scalar_t* go_ptr = level_grads[l].data_ptr<scalar_t>();
-        scalar_t* gr_ptr = grad_rpn[l].data_ptr<scalar_t>();
-        for (int64_t j = 0; j < out_w; ++j) {
-          const acc_t fg_cell = adaptive_bin_mean(fg + n * plane, height, width, i, j, out_h, out_w);
-          for (int64_t a = 0; a < anchors; ++a) {
-            const int64_t idx = ((n * anchors + a) * out_h + i) * out_w + j;
-            const acc_t rv = static_cast<acc_t>(r_ptr[idx]);
-            gr_ptr[idx] = static_cast<scalar_t>(static_cast<acc_t>(go_ptr[idx]) * fg_cell *
-                                                fusion_gate_grad<acc_t>(rv, prob_mode));
-          }
+        const int64_t offset = n * plane + y_begin * width;
+        for (int64_t p = 0; p < pixels; ++p) {
+          thing_coefficient[p] = thing_softmax_grad_coefficient(total[offset + p], fg[offset + p], grad_fg[p], true);
+          stuff_coefficient[p] = thing_softmax_grad_coefficient(total[offset + p], fg[offset + p], grad_fg[p], false);
         }
+        band_gradient<scalar_t, acc_t>(isa, in + n * channels * plane + y_begin * width,
+                                       out + n * channels * plane + y_begin * width, plane, channels, num_stuff,
+                                       pixels, max + offset, thing_coefficient.data(), stuff_coefficient.data());
       }
     });
   });

@@ -1,8 +1,8 @@
 // RPN-FCN fusion on CUDA. One thread per pixel runs the softmax over the channels, the max then the sums
-// (coalesced: neighbouring threads read neighbouring pixels of the same channel), and writes only the one-channel
-// fg map; one thread per output cell pools its bin from that map. The backward recomputes the per-pixel
-// statistics, gathers d loss / d fg from every level's bins per pixel, and writes the logits' gradient one
-// element per thread. No atomics: every output element has one writer, so the results are deterministic. The
+// (coalesced: neighbouring threads read neighbouring pixels of the same channel), and writes only the pixel's
+// statistics (max, total, fg: the op's second output); one thread per output cell pools its bin from the fg map.
+// The backward reads those statistics, gathers d loss / d fg from every level's bins per pixel, and writes the
+// logits' gradient one element per thread (one exp each). No atomics: every output element has one writer, so the results are deterministic. The
 // arithmetic is fg_fusion.h's, the code the CPU tests exercise.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -21,11 +21,11 @@ namespace {
 
 constexpr int kMaxLevels = 8;
 
-// Per-pixel statistics: fg always, max and total when the backward asks for them (non-null).
+// Per-pixel softmax statistics: max, total and fg, each [N, H, W].
 template <typename scalar_t, typename acc_t>
 __global__ void statistics_kernel(int64_t pixels, const scalar_t* __restrict__ sem, int64_t channels, int64_t plane,
-                                  int64_t num_stuff, acc_t* __restrict__ fg, acc_t* __restrict__ max_out,
-                                  acc_t* __restrict__ total_out) {
+                                  int64_t num_stuff, acc_t* __restrict__ max_out, acc_t* __restrict__ total_out,
+                                  acc_t* __restrict__ fg) {
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pixels; p += (int64_t)blockDim.x * gridDim.x) {
     const int64_t n = p / plane, q = p % plane;
     const scalar_t* base = sem + n * channels * plane + q;
@@ -36,10 +36,8 @@ __global__ void statistics_kernel(int64_t pixels, const scalar_t* __restrict__ s
                                       c >= num_stuff);
     }
     fg[p] = thing_softmax_fg(s);
-    if (max_out != nullptr) {
-      max_out[p] = s.max;
-      total_out[p] = s.total;
-    }
+    max_out[p] = s.max;
+    total_out[p] = s.total;
   }
 }
 
@@ -69,8 +67,9 @@ __global__ void level_backward_kernel(int64_t cells_total, const scalar_t* __res
       const int64_t idx = ((n * anchors + a) * out_h + i) * out_w + j;
       const acc_t rv = static_cast<acc_t>(rpn[idx]);
       const acc_t g = static_cast<acc_t>(grad[idx]);
-      grad_rpn[idx] = static_cast<scalar_t>(g * fg_cell * fusion_gate_grad<acc_t>(rv, prob_mode));
-      grad_fg += g * fusion_gate<acc_t>(rv, prob_mode);
+      const acc_t gate = fusion_gate<acc_t>(rv, prob_mode);
+      grad_rpn[idx] = static_cast<scalar_t>(g * fg_cell * fusion_gate_grad<acc_t>(gate, prob_mode));
+      grad_fg += g * gate;
     }
     grad_cell[k] = grad_fg / static_cast<acc_t>(adaptive_bin_size(i, height, out_h) * adaptive_bin_size(j, width, out_w));
   }
@@ -110,28 +109,33 @@ __global__ void sem_backward_kernel(int64_t total, const scalar_t* __restrict__ 
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)blockDim.x * gridDim.x) {
     const int64_t q = k % plane, c = (k / plane) % channels, n = k / (plane * channels);
     const int64_t p = n * plane + q;
-    grad_sem[k] = static_cast<scalar_t>(
-        thing_softmax_grad<acc_t>(static_cast<acc_t>(sem[k]), max[p], sum[p], fg[p], grad_fg[p], c >= num_stuff));
+    const acc_t coefficient = thing_softmax_grad_coefficient<acc_t>(sum[p], fg[p], grad_fg[p], c >= num_stuff);
+    grad_sem[k] = static_cast<scalar_t>(thing_softmax_grad<acc_t>(static_cast<acc_t>(sem[k]), max[p], coefficient));
   }
 }
 
-std::vector<at::Tensor> fg_fusion_forward_cuda(const at::Tensor& sem_logits, at::TensorList rpn_logits,
-                                               int64_t num_stuff, c10::string_view mode) {
+std::tuple<std::vector<at::Tensor>, at::Tensor> fg_fusion_forward_cuda(const at::Tensor& sem_logits,
+                                                                        at::TensorList rpn_logits, int64_t num_stuff,
+                                                                        c10::string_view mode) {
   check_fg_fusion_inputs(sem_logits, rpn_logits, num_stuff, "fg_fusion");
   const bool prob_mode = fg_fusion_prob_mode(mode);
   at::cuda::CUDAGuard guard(sem_logits.device());
+  const int64_t batch = sem_logits.size(0), channels = sem_logits.size(1), height = sem_logits.size(2),
+                width = sem_logits.size(3);
   std::vector<at::Tensor> outputs;
   for (const auto& r : rpn_logits) outputs.push_back(at::zeros(r.sizes(), r.options()));
-  if (sem_logits.numel() == 0) return outputs;
+  const at::Tensor stats = at::empty({3, batch, height, width},
+                                     sem_logits.options().dtype(at::toOpMathType(sem_logits.scalar_type())));
+  if (sem_logits.numel() == 0) return {outputs, stats};
   const at::Tensor sem = sem_logits.contiguous();
-  const int64_t batch = sem.size(0), channels = sem.size(1), height = sem.size(2), width = sem.size(3);
   const int64_t plane = height * width, pixels = batch * plane;
-  const at::Tensor fg = at::empty({batch, height, width}, sem.options().dtype(at::toOpMathType(sem.scalar_type())));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "fg_fusion_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor max = stats[0], total = stats[1], fg = stats[2];
     statistics_kernel<scalar_t, acc_t><<<num_blocks(pixels), kThreads, 0, stream>>>(
-        pixels, sem.data_ptr<scalar_t>(), channels, plane, num_stuff, fg.data_ptr<acc_t>(), nullptr, nullptr);
+        pixels, sem.data_ptr<scalar_t>(), channels, plane, num_stuff, max.data_ptr<acc_t>(), total.data_ptr<acc_t>(),
+        fg.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (size_t l = 0; l < rpn_logits.size(); ++l) {
       const at::Tensor r = rpn_logits[l].contiguous();
@@ -143,15 +147,17 @@ std::vector<at::Tensor> fg_fusion_forward_cuda(const at::Tensor& sem_logits, at:
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return outputs;
+  return {outputs, stats};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cuda(at::TensorList grads,
                                                                         const at::Tensor& sem_logits,
-                                                                        at::TensorList rpn_logits, int64_t num_stuff,
-                                                                        c10::string_view mode) {
+                                                                        at::TensorList rpn_logits,
+                                                                        const at::Tensor& softmax_stats,
+                                                                        int64_t num_stuff, c10::string_view mode) {
   check_fg_fusion_inputs(sem_logits, rpn_logits, num_stuff, "_fg_fusion_backward");
   check_fg_fusion_grads(grads, rpn_logits);
+  check_fg_fusion_stats(softmax_stats, sem_logits);
   TORCH_CHECK(rpn_logits.size() <= static_cast<size_t>(kMaxLevels), "_fg_fusion_backward: at most ", kMaxLevels,
               " levels are supported on CUDA, got ", rpn_logits.size());
   const bool prob_mode = fg_fusion_prob_mode(mode);
@@ -164,18 +170,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cuda(at::Tens
   const int64_t batch = sem.size(0), channels = sem.size(1), height = sem.size(2), width = sem.size(3);
   const int64_t plane = height * width, pixels = batch * plane;
   const auto acc_options = sem.options().dtype(at::toOpMathType(sem.scalar_type()));
-  const at::Tensor fg = at::empty({batch, height, width}, acc_options);
-  const at::Tensor max = at::empty({batch, height, width}, acc_options);
-  const at::Tensor sum = at::empty({batch, height, width}, acc_options);
+  const at::Tensor stats = softmax_stats.contiguous();
+  const at::Tensor max = stats[0], sum = stats[1], fg = stats[2];
   const at::Tensor grad_fg = at::empty({batch, height, width}, acc_options);
   std::vector<at::Tensor> grad_cells;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "fg_fusion_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    statistics_kernel<scalar_t, acc_t><<<num_blocks(pixels), kThreads, 0, stream>>>(
-        pixels, sem.data_ptr<scalar_t>(), channels, plane, num_stuff, fg.data_ptr<acc_t>(), max.data_ptr<acc_t>(),
-        sum.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     CellGrads<acc_t> cells{};
     cells.num_levels = static_cast<int>(rpn_logits.size());
     for (size_t l = 0; l < rpn_logits.size(); ++l) {

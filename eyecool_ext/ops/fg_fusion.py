@@ -1,10 +1,12 @@
 """RPN-FCN fusion (RFF, the Eyecool report): gate the RPN objectness of every level with the semantic branch's
 foreground probability, in one fused op.
 
-``fg = sum over the thing channels of softmax(sem_logits)`` is computed with a two-sweep softmax per row of
-the logits (no ``[N, S + K, H, W]`` temporary); the backward recomputes the softmax statistics instead of
-storing them. The op is ``torch.ops.eyecool.fg_fusion``; this module adds the typed wrapper, its fake kernel
-and its autograd formula (whose backward is ``torch.ops.eyecool._fg_fusion_backward``).
+``fg = sum over the thing channels of softmax(sem_logits)`` is computed with a two-sweep softmax per band of
+the logits (no ``[N, S + K, H, W]`` temporary). The op keeps each pixel's softmax statistics (max, sum of
+``exp(x - max)``, fg: ``[3, N, H, W]``, 3 values per pixel instead of the softmax's S + K) as its second output,
+so the backward reads every logit once and takes one exp per logit. The op is ``torch.ops.eyecool.fg_fusion``
+(returning ``(fused levels, softmax_stats)``); this module adds the typed wrapper, its fake kernel and its autograd
+formula (whose backward is ``torch.ops.eyecool._fg_fusion_backward``).
 """
 from __future__ import annotations
 
@@ -37,7 +39,13 @@ def fg_fusion(sem_logits: Tensor, rpn_logits: Sequence[Tensor], num_stuff: int, 
     levels = check_fg_fusion_args(sem_logits, rpn_logits, num_stuff, mode)
     if not _extension.use_compiled("fg_fusion", sem_logits, *levels):
         return reference.fg_fusion(sem_logits, levels, num_stuff, mode)
-    return list(torch.ops.eyecool.fg_fusion(sem_logits, levels, int(num_stuff), mode))
+    fused, _softmax_stats = torch.ops.eyecool.fg_fusion(sem_logits, levels, int(num_stuff), mode)
+    return list(fused)
+
+
+def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in (ATen's opmath type): float for half and bfloat16."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 if _extension.has_op("fg_fusion"):
@@ -45,23 +53,27 @@ if _extension.has_op("fg_fusion"):
     @torch.library.register_fake("eyecool::fg_fusion")
     def _fg_fusion_fake(sem_logits, rpn_logits, num_stuff, mode):
         torch._check(sem_logits.dim() == 4, lambda: "sem_logits must be [N, S + K, H, W]")
-        return [torch.empty_like(level) for level in rpn_logits]
+        n, _, h, w = sem_logits.shape
+        stats = sem_logits.new_empty((3, n, h, w), dtype=_opmath_dtype(sem_logits.dtype))
+        return [torch.empty_like(level) for level in rpn_logits], stats
 
     @torch.library.register_fake("eyecool::_fg_fusion_backward")
-    def _fg_fusion_backward_fake(grads, sem_logits, rpn_logits, num_stuff, mode):
+    def _fg_fusion_backward_fake(grads, sem_logits, rpn_logits, softmax_stats, num_stuff, mode):
         return torch.empty_like(sem_logits), [torch.empty_like(level) for level in rpn_logits]
 
     def _fg_fusion_setup_context(ctx, inputs, output):
         sem_logits, rpn_logits, num_stuff, mode = inputs
-        ctx.save_for_backward(sem_logits, *rpn_logits)
+        _, softmax_stats = output
+        ctx.mark_non_differentiable(softmax_stats)
+        ctx.save_for_backward(sem_logits, softmax_stats, *rpn_logits)
         ctx.num_stuff = num_stuff
         ctx.mode = mode
 
-    def _fg_fusion_backward(ctx, grads):
-        sem_logits, *rpn_logits = ctx.saved_tensors
+    def _fg_fusion_backward(ctx, grads, _grad_softmax_stats):
+        sem_logits, softmax_stats, *rpn_logits = ctx.saved_tensors
         grads = [torch.zeros_like(level) if g is None else g for g, level in zip(grads, rpn_logits)]
-        grad_sem, grad_rpn = torch.ops.eyecool._fg_fusion_backward(grads, sem_logits, rpn_logits, ctx.num_stuff,
-                                                                   ctx.mode)
+        grad_sem, grad_rpn = torch.ops.eyecool._fg_fusion_backward(grads, sem_logits, rpn_logits, softmax_stats,
+                                                                   ctx.num_stuff, ctx.mode)
         return grad_sem, list(grad_rpn), None, None
 
     torch.library.register_autograd("eyecool::fg_fusion", _fg_fusion_backward, setup_context=_fg_fusion_setup_context)

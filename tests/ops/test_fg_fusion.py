@@ -119,8 +119,10 @@ def test_opcheck(device):
     for mode in ("logit", "prob"):
         torch.library.opcheck(torch.ops.eyecool.fg_fusion.default, (sem, levels, 2, mode))
     grads = [torch.randn_like(lvl) for lvl in levels]
+    detached = [lvl.detach() for lvl in levels]
+    _, stats = torch.ops.eyecool.fg_fusion(sem.detach(), detached, 2, "prob")
     torch.library.opcheck(torch.ops.eyecool._fg_fusion_backward.default,
-                          (grads, sem.detach(), [lvl.detach() for lvl in levels], 2, "prob"))
+                          (grads, sem.detach(), detached, stats, 2, "prob"))
 
 
 @needs_compiled
@@ -178,3 +180,23 @@ def test_kernel_checks_its_inputs():
         torch.ops.eyecool.fg_fusion(sem, [levels[0][:1]], 3, "logit")
     with pytest.raises(RuntimeError, match="mode must be"):
         torch.ops.eyecool.fg_fusion(sem, levels, 3, "sum")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("empty_shape", [(0, 4), (3, 0), (0, 0)])
+def test_empty_level_contributes_nothing(device, empty_shape):
+    """A level without cells (the reference's adaptive_avg_pool2d cannot run backward through one) leaves the
+    other levels' outputs and gradients as they are without it."""
+    sem, (level,) = inputs(device, torch.float32, sem_size=(6, 7), level_sizes=((3, 5),), channels=5)
+    sem.requires_grad_()
+    level.requires_grad_()
+    empty = torch.randn(2, 3, *empty_shape, device=device, requires_grad=True)
+    ours = ops.fg_fusion(sem, [empty, level], 2, "prob")
+    expected = composition(sem, [level], 2, "prob")
+    assert ours[0].shape == empty.shape
+    assert_close(ours[1], expected[0])
+    grad_sem, grad_empty, grad_level = torch.autograd.grad(sum(o.square().sum() for o in ours), [sem, empty, level])
+    expected_sem, expected_level = torch.autograd.grad(expected[0].square().sum(), [sem, level])
+    assert grad_empty.shape == empty.shape
+    assert_close(grad_sem, expected_sem)
+    assert_close(grad_level, expected_level)

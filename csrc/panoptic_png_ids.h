@@ -59,6 +59,15 @@ inline bool unfilter_row(const uint8_t* filtered, const uint8_t* prior, uint8_t*
     case 1:  // Sub
       for (int k = 0; k < BPP; ++k) row[k] = left[k] = filtered[k];
       for (int64_t i = BPP; i < length; i += BPP) {
+        // Zero residuals repeat the left pixel: whole spans of kSpan pixels at once, as for Paeth below.
+        constexpr int64_t kSpan = 8 * BPP;
+        while (i + kSpan <= length && std::memcmp(filtered + i, kZeros, kSpan) == 0) {
+          for (int64_t j = 0; j < kSpan; j += BPP) {
+            for (int k = 0; k < BPP; ++k) row[i + j + k] = left[k];
+          }
+          i += kSpan;
+        }
+        if (i >= length) break;
         for (int k = 0; k < BPP; ++k) row[i + k] = left[k] = static_cast<uint8_t>(filtered[i + k] + left[k]);
       }
       return true;

@@ -26,49 +26,95 @@ bool row_is_zero(const uint8_t* bytes, int64_t length) {
   return any == 0;
 }
 
-// One image's rows, decoded one at a time into the ids of the current row.
+// One image's rows, unfiltered one at a time; row() holds the bytes of the row last decoded.
 template <int BPP>
 class RowDecoder {
  public:
   // op names the op in the error of an unknown filter type.
   RowDecoder(const uint8_t* src, int64_t width, const char* op)
-      : src_(src), op_(op), width_(width), length_(width * BPP), rows_(2 * length_ + 1, 0), ids_(width, 0) {
+      : src_(src), op_(op), length_(width * BPP), rows_(2 * length_ + 1, 0) {
     prior_ = rows_.data();
     current_ = rows_.data() + length_;
   }
 
-  // Decodes row y (rows are visited in order); returns false when it repeats row y - 1, whose ids stay.
+  // Decodes row y (rows are visited in order); returns false when it repeats row y - 1, which row() still holds.
   bool next(int64_t y) {
     const uint8_t* line = src_ + y * (1 + length_);
     // An Up row with zero residuals repeats the row above (most rows of a panoptic PNG).
     if (y > 0 && line[0] == 2 && row_is_zero(line + 1, length_)) return false;
     TORCH_CHECK(unfilter_row<BPP>(line + 1, prior_, current_, length_, line[0]), op_, ": row ", y,
                 " has unknown filter type ", static_cast<int>(line[0]));
-    for (int64_t x = 0; x < width_; ++x) ids_[x] = pixel_segment_id(current_ + x * BPP);
     std::swap(prior_, current_);
     return true;
   }
 
-  const int32_t* ids() const { return ids_.data(); }
+  // The unfiltered bytes of the last row decoded; pixel_segment_id may read one byte past the last pixel.
+  const uint8_t* row() const { return prior_; }
 
  private:
   const uint8_t* src_;
   const char* op_;
-  int64_t width_, length_;
+  int64_t length_;
   std::vector<uint8_t> rows_;  // two rows, plus one byte so that pixel_segment_id may read 4 bytes at the end
-  std::vector<int32_t> ids_;
-  uint8_t* prior_;
+  uint8_t* prior_;             // the last row decoded (the prior row of the next one)
   uint8_t* current_;
 };
+
+template <int BPP>
+void row_segment_ids(const uint8_t* row, int64_t width, int32_t* ids) {
+  for (int64_t x = 0; x < width; ++x) ids[x] = pixel_segment_id(row + x * BPP);
+}
 
 template <int BPP>
 void decode_rows(const uint8_t* src, int64_t height, int64_t width, int32_t* out) {
   RowDecoder<BPP> rows(src, width, "panoptic_png_ids");
   for (int64_t y = 0; y < height; ++y) {
-    rows.next(y);  // a repeated row keeps the previous ids
-    std::memcpy(out + y * width, rows.ids(), width * sizeof(int32_t));
+    if (rows.next(y)) {
+      row_segment_ids<BPP>(rows.row(), width, out + y * width);
+    } else {
+      std::memcpy(out + y * width, out + (y - 1) * width, width * sizeof(int32_t));  // a repeated row
+    }
   }
 }
+
+// The (gt, pred) runs of one row pair of equal bytes per pixel, found on the bytes: a run ends where a byte of
+// either row differs from the byte one pixel to its left. The difference mask is one vectorised pass; the scan
+// then skips 8 mask bytes at a time, so a row costs about as much as reading it, however its pixels are laid
+// out. (For RGBA an alpha change splits a run into two of the same key, which the counts add up again.)
+template <int BPP>
+class RowRuns {
+ public:
+  explicit RowRuns(int64_t width) : width_(width), length_(width * BPP), diff_(length_ + 8, 0) {}
+
+  void count(const uint8_t* gt, const uint8_t* pred, RunList& runs) {
+    uint8_t* diff = diff_.data();
+    for (int64_t j = BPP; j < length_; ++j) diff[j] = (gt[j] ^ gt[j - BPP]) | (pred[j] ^ pred[j - BPP]);
+    int64_t run_start = 0;
+    for (int64_t chunk = 0; chunk < length_; chunk += 8) {
+      uint64_t word;
+      std::memcpy(&word, diff + chunk, sizeof(word));  // bytes past the row are zero
+      while (word != 0) {
+        const int byte = __builtin_ctzll(word) >> 3;
+        const int64_t pixel = (chunk + byte) / BPP;
+        if (pixel > run_start) {
+          add_run(gt, pred, run_start, pixel, runs);
+          run_start = pixel;
+        }
+        word &= ~(uint64_t{0xFF} << (8 * byte));
+      }
+    }
+    add_run(gt, pred, run_start, width_, runs);
+  }
+
+ private:
+  static void add_run(const uint8_t* gt, const uint8_t* pred, int64_t begin, int64_t end, RunList& runs) {
+    // Ids of a PNG are below 2^24, so every pair encodes.
+    runs.add(encode_pair(pixel_segment_id(gt + begin * BPP), pixel_segment_id(pred + begin * BPP)), end - begin);
+  }
+
+  int64_t width_, length_;
+  std::vector<uint8_t> diff_;  // the row's difference mask, 8 bytes longer so that whole words can be read
+};
 
 // The checks of one image's scanlines; op names the op in the messages, name the argument.
 void check_scanlines(const at::Tensor& scanlines, int64_t height, int64_t width, int64_t channels, const char* op,
@@ -100,12 +146,15 @@ at::Tensor panoptic_png_ids_cpu(const at::Tensor& scanlines_in, int64_t height, 
 }
 
 // Counts the pairs row by row. A row where neither image changes adds the previous row's runs again, so a
-// flat region costs one zero test per row and side.
+// flat region costs one zero test per row and side. Rows of equal bytes per pixel are split into runs on their
+// bytes (RowRuns); an RGB image against an RGBA one goes through the two rows' ids.
 template <int GT_BPP, int PRED_BPP>
 void count_png_pairs(const uint8_t* gt_src, const uint8_t* pred_src, int64_t height, int64_t width,
                      PairCounter& counter) {
   RowDecoder<GT_BPP> gt(gt_src, width, "panoptic_png_pair_counts");
   RowDecoder<PRED_BPP> pred(pred_src, width, "panoptic_png_pair_counts");
+  RowRuns<GT_BPP> byte_runs(GT_BPP == PRED_BPP ? width : 0);
+  std::vector<int32_t> gt_ids(GT_BPP == PRED_BPP ? 0 : width), pred_ids(GT_BPP == PRED_BPP ? 0 : width);
   RunList row;
   int64_t repeats = 0;  // rows that repeat row.runs and are not counted yet
   auto flush = [&] {
@@ -122,9 +171,14 @@ void count_png_pairs(const uint8_t* gt_src, const uint8_t* pred_src, int64_t hei
     }
     flush();
     row.runs.clear();
-    int64_t bad_pixel = -1;
-    // Ids of a PNG are below 2^24, so every pair encodes.
-    count_pixels(gt.ids(), pred.ids(), 0, width, row, bad_pixel);
+    if constexpr (GT_BPP == PRED_BPP) {
+      byte_runs.count(gt.row(), pred.row(), row);
+    } else {
+      row_segment_ids<GT_BPP>(gt.row(), width, gt_ids.data());
+      row_segment_ids<PRED_BPP>(pred.row(), width, pred_ids.data());
+      int64_t bad_pixel = -1;
+      count_pixels(gt_ids.data(), pred_ids.data(), 0, width, row, bad_pixel);  // PNG ids always encode
+    }
     repeats = 1;
   }
   flush();

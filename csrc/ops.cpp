@@ -33,6 +33,15 @@ TORCH_LIBRARY(eyecool, m) {
   m.def(
       "panoptic_png_pair_counts(Tensor gt_scanlines, Tensor pred_scanlines, SymInt height, SymInt width, "
       "int gt_channels, int pred_channels) -> (Tensor, Tensor, Tensor)");
+  // And then the image's PQ statistics (panopticapi's matching rules) from its segment tables: gt_segments
+  // int64 [4, G] (ids ascending, category index, iscrowd, area), pred_segments [2, S] (ids ascending, category
+  // index), crowd_of_category int64 [C] (the gt crowd id per category or -1). Returns (problem [1], category
+  // [k], iou_sum [k] float64, tp [k], fp [k], fn [k]) over the k categories the image touches; problem != 0
+  // (no statistics) when a PNG and its segments disagree. CPU only.
+  m.def(
+      "panoptic_png_pq_statistics(Tensor gt_scanlines, Tensor pred_scanlines, SymInt height, SymInt width, "
+      "int gt_channels, int pred_channels, Tensor gt_segments, Tensor pred_segments, Tensor crowd_of_category, "
+      "int num_categories) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Deformable convolution, DCN v1 (mask None) and modulated v2; torchvision's semantics with the weight groups
   // and offset groups inferred from the shapes. The backward returns (grad_input, grad_offset, grad_weight,
   // grad_mask, grad_bias); grad_mask is an empty [0] tensor when mask is None.

@@ -4,7 +4,8 @@
 //
 // panoptic_png_pair_counts does the same for a gt and a prediction PNG at once and counts their (gt, pred)
 // pairs row by row, so that neither id map is ever written: at COCO sizes, writing and re-reading two fresh
-// [H, W] int32 maps (page faults included) costs more than the unfiltering itself.
+// [H, W] int32 maps (page faults included) costs more than the unfiltering itself. panoptic_png_pq_statistics
+// goes on to match the image's segments (cpu/pq_match.h), so that pq_compute's threads hold no GIL per image.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "cpu/pair_counter.h"
+#include "cpu/pq_match.h"
 #include "panoptic_png_ids.h"
 
 namespace eyecool {
@@ -194,11 +196,12 @@ void count_png_pairs_for(const uint8_t* gt_src, const uint8_t* pred_src, int64_t
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> panoptic_png_pair_counts_cpu(
-    const at::Tensor& gt_scanlines_in, const at::Tensor& pred_scanlines_in, int64_t height, int64_t width,
-    int64_t gt_channels, int64_t pred_channels) {
-  check_scanlines(gt_scanlines_in, height, width, gt_channels, "panoptic_png_pair_counts", "gt_scanlines");
-  check_scanlines(pred_scanlines_in, height, width, pred_channels, "panoptic_png_pair_counts", "pred_scanlines");
+// The distinct (gt, pred) pairs of two PNGs' scanlines and their pixel counts, sorted by key.
+std::vector<KeyCount> png_pair_list(const at::Tensor& gt_scanlines_in, const at::Tensor& pred_scanlines_in,
+                                    int64_t height, int64_t width, int64_t gt_channels, int64_t pred_channels,
+                                    const char* op) {
+  check_scanlines(gt_scanlines_in, height, width, gt_channels, op, "gt_scanlines");
+  check_scanlines(pred_scanlines_in, height, width, pred_channels, op, "pred_scanlines");
   const at::Tensor gt_scanlines = gt_scanlines_in.contiguous();
   const at::Tensor pred_scanlines = pred_scanlines_in.contiguous();
   PairCounter counter;
@@ -214,6 +217,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panoptic_png_pair_counts_cpu(
   std::vector<KeyCount> pairs;
   counter.append_to(pairs);
   std::sort(pairs.begin(), pairs.end());
+  return pairs;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> panoptic_png_pair_counts_cpu(
+    const at::Tensor& gt_scanlines, const at::Tensor& pred_scanlines, int64_t height, int64_t width,
+    int64_t gt_channels, int64_t pred_channels) {
+  const std::vector<KeyCount> pairs = png_pair_list(gt_scanlines, pred_scanlines, height, width, gt_channels,
+                                                    pred_channels, "panoptic_png_pair_counts");
   const int64_t total = static_cast<int64_t>(pairs.size());
   const auto options = gt_scanlines.options().dtype(at::kLong);
   at::Tensor gt_out = at::empty({total}, options);
@@ -230,10 +241,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panoptic_png_pair_counts_cpu(
   return {gt_out, pred_out, counts};
 }
 
+// A [rows, n] int64 CPU table of segments (rows: ids ascending, category index, then iscrowd and area for gt).
+SegmentRows segment_rows(const at::Tensor& table, int64_t rows, int64_t num_categories, const char* name) {
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 &&
+                  table.size(0) == rows && table.is_contiguous(),
+              "panoptic_png_pq_statistics: ", name, " must be a contiguous int64 CPU tensor [", rows,
+              ", segments], got ", table.scalar_type(), " of shape ", table.sizes());
+  const int64_t n = table.size(1);
+  const int64_t* data = table.data_ptr<int64_t>();
+  SegmentRows out{data, data + n, rows > 2 ? data + 2 * n : nullptr, rows > 3 ? data + 3 * n : nullptr, n};
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(out.category[i] >= 0 && out.category[i] < num_categories, "panoptic_png_pq_statistics: ", name,
+                " row ", i, " has category index ", out.category[i], ", expected [0, ", num_categories, ")");
+    TORCH_CHECK(i == 0 || out.ids[i - 1] < out.ids[i], "panoptic_png_pq_statistics: ", name,
+                " ids must be strictly ascending");
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panoptic_png_pq_statistics_cpu(
+    const at::Tensor& gt_scanlines, const at::Tensor& pred_scanlines, int64_t height, int64_t width,
+    int64_t gt_channels, int64_t pred_channels, const at::Tensor& gt_segments, const at::Tensor& pred_segments,
+    const at::Tensor& crowd_of_category, int64_t num_categories) {
+  TORCH_CHECK(num_categories >= 0, "panoptic_png_pq_statistics: num_categories must be >= 0, got ", num_categories);
+  const SegmentRows gt = segment_rows(gt_segments, 4, num_categories, "gt_segments");
+  const SegmentRows pred = segment_rows(pred_segments, 2, num_categories, "pred_segments");
+  TORCH_CHECK(crowd_of_category.device().is_cpu() && crowd_of_category.scalar_type() == at::kLong &&
+                  crowd_of_category.dim() == 1 && crowd_of_category.numel() == num_categories &&
+                  crowd_of_category.is_contiguous(),
+              "panoptic_png_pq_statistics: crowd_of_category must be a contiguous int64 CPU tensor [",
+              num_categories, "], got ", crowd_of_category.scalar_type(), " of shape ", crowd_of_category.sizes());
+  const std::vector<KeyCount> pairs = png_pair_list(gt_scanlines, pred_scanlines, height, width, gt_channels,
+                                                    pred_channels, "panoptic_png_pq_statistics");
+  CategoryStatistics stats(num_categories);
+  const MatchProblem problem =
+      match_image_segments(pairs, gt, pred, crowd_of_category.data_ptr<int64_t>(), stats);
+  const auto long_options = gt_scanlines.options().dtype(at::kLong);
+  std::vector<int64_t> touched;
+  if (problem == MatchProblem::kNone) {
+    for (int64_t c = 0; c < num_categories; ++c) {
+      if (stats.tp[c] + stats.fp[c] + stats.fn[c] != 0) touched.push_back(c);
+    }
+  }
+  const int64_t k = static_cast<int64_t>(touched.size());
+  at::Tensor category = at::empty({k}, long_options), iou = at::empty({k}, long_options.dtype(at::kDouble));
+  at::Tensor tp = at::empty({k}, long_options), fp = at::empty({k}, long_options), fn = at::empty({k}, long_options);
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t c = touched[i];
+    category.data_ptr<int64_t>()[i] = c;
+    iou.data_ptr<double>()[i] = stats.iou[c];
+    tp.data_ptr<int64_t>()[i] = stats.tp[c];
+    fp.data_ptr<int64_t>()[i] = stats.fp[c];
+    fn.data_ptr<int64_t>()[i] = stats.fn[c];
+  }
+  return {at::full({1}, static_cast<int64_t>(problem), long_options), category, iou, tp, fp, fn};
+}
+
 }  // namespace
 }  // namespace eyecool
 
 TORCH_LIBRARY_IMPL(eyecool, CPU, m) {
   m.impl("panoptic_png_ids", &eyecool::panoptic_png_ids_cpu);
   m.impl("panoptic_png_pair_counts", &eyecool::panoptic_png_pair_counts_cpu);
+  m.impl("panoptic_png_pq_statistics", &eyecool::panoptic_png_pq_statistics_cpu);
 }

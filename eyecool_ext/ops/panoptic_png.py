@@ -223,6 +223,45 @@ def panoptic_png_pair_counts(gt: PanopticPNG, pred: PanopticPNG) -> Tuple[Tensor
                                                        gt.width, gt.channels, pred.channels)
 
 
+def panoptic_png_pq_statistics(gt: PanopticPNG, pred: PanopticPNG, gt_segments: Tensor, pred_segments: Tensor,
+                               crowd_of_category: Tensor, num_categories: int):
+    """One image's panoptic-quality statistics straight from its two parsed PNGs: the pairs of
+    :func:`panoptic_png_pair_counts`, matched by panopticapi's rules in C++ (the numpy reference is
+    ``eyecool.evaluation.panoptic_quality.match_segments``). Compiled kernel only.
+
+    Args:
+        gt, pred: from :func:`parse_panoptic_png`, with the same width and height.
+        gt_segments: ``int64 Tensor[4, G]``: segment ids (ascending), category indices, iscrowd (0/1), areas.
+        pred_segments: ``int64 Tensor[2, S]``: segment ids (ascending), category indices.
+        crowd_of_category: ``int64 Tensor[C]``: per category, the gt crowd segment that counts for it, or -1.
+        num_categories: C.
+
+    Returns:
+        ``(problem, category, iou_sum, tp, fp, fn)``: ``problem`` an int, nonzero when a PNG and its segment
+        table disagree (1/2: a gt id only in the PNG / only in the table, 3/4: likewise for the prediction; the
+        other outputs are then empty); otherwise int64 / float64 ``Tensor[k]`` over the k categories the image
+        touches, ascending.
+    """
+    if (gt.height, gt.width) != (pred.height, pred.width):
+        raise ValueError(f"the prediction PNG is {pred.width} x {pred.height} (width x height) but the gt PNG is "
+                         f"{gt.width} x {gt.height}")
+    problem, *stats = torch.ops.eyecool.panoptic_png_pq_statistics(
+        _scanlines(gt, "gt"), _scanlines(pred, "pred"), gt.height, gt.width, gt.channels, pred.channels, gt_segments,
+        pred_segments, crowd_of_category, num_categories)
+    return (int(problem), *stats)
+
+
+if _extension.has_op("panoptic_png_pq_statistics"):
+
+    @torch.library.register_fake("eyecool::panoptic_png_pq_statistics")
+    def _panoptic_png_pq_statistics_fake(gt_scanlines, pred_scanlines, height, width, gt_channels, pred_channels,
+                                         gt_segments, pred_segments, crowd_of_category, num_categories):
+        touched = torch.library.get_ctx().new_dynamic_size()
+        long = gt_segments.new_empty((touched,))
+        return (gt_segments.new_empty((1,)), long, gt_segments.new_empty((touched,), dtype=torch.float64), long,
+                long.clone(), long.clone())
+
+
 if _extension.has_op("panoptic_png_ids"):
 
     @torch.library.register_fake("eyecool::panoptic_png_ids")

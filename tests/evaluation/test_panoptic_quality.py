@@ -7,9 +7,12 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from eyecool.evaluation import PanopticFormatError, format_table, pq_compute, summary, write_summary_json
-from eyecool.evaluation.panoptic_quality import read_id_map
+from eyecool.evaluation.panoptic_quality import (CategoryTable, file_pair_counts, file_statistics, match_segments,
+                                                 read_id_map, segment_table)
+from eyecool_ext import _extension, ops
 from panoptic_data import CATEGORIES, id_map_to_rgb, random_pair, segments_info, write_split
 
 try:
@@ -243,3 +246,58 @@ def test_read_id_map_falls_back_to_pil_for_other_png_kinds(tmp_path):
     Image.fromarray(id_map_to_rgb(ids)).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "palette.png")
     assert np.array_equal(read_id_map(str(tmp_path / "rgba.png")), ids)
     assert np.array_equal(read_id_map(str(tmp_path / "palette.png")), ids)
+
+
+needs_compiled_statistics = pytest.mark.skipif(not _extension.has_op("panoptic_png_pq_statistics"),
+                                               reason="needs the compiled panoptic_png_pq_statistics kernel")
+
+
+def _pngs_and_tables(tmp_path, gt_image, pred_image):
+    gt_json, gt_dir = write_split(str(tmp_path), "gt", [gt_image])
+    pred_json, pred_dir = write_split(str(tmp_path), "pred", [pred_image])
+    with open(gt_json) as f:
+        categories = CategoryTable(json.load(f)["categories"])
+    name = f"{gt_image['image_id']:06d}.png"
+    paths = os.path.join(gt_dir, name), os.path.join(pred_dir, name)
+    gt_table = segment_table(gt_image["segments_info"], categories, 0, "gt")
+    pred_table = segment_table(pred_image["segments_info"], categories, 0, "prediction")
+    return paths, gt_table, pred_table, len(categories)
+
+
+@needs_compiled_statistics
+@pytest.mark.parametrize("seed", range(6))
+def test_cpp_matching_is_bit_identical_to_the_numpy_rules(tmp_path, seed):
+    """panoptic_png_pq_statistics (pair counts and matching in one C++ call) against match_segments of the pair
+    counts: the same categories, counts and IoU sums, to the last bit."""
+    rng = np.random.default_rng(100 + seed)
+    gt_image, pred_image = random_pair(rng, 0, height=40, width=56)
+    paths, gt_table, pred_table, num_categories = _pngs_and_tables(tmp_path, gt_image, pred_image)
+    gt_png, pred_png = (ops.parse_panoptic_png(open(p, "rb").read()) for p in paths)
+    problem, *fused = ops.panoptic_png_pq_statistics(gt_png, pred_png, gt_table.packed(True), pred_table.packed(False),
+                                                     torch.from_numpy(gt_table.crowd_of_category), num_categories)
+    assert problem == 0
+    expected = match_segments(file_pair_counts(*paths), gt_table, pred_table, num_categories, 0)
+    for ours, theirs in zip(fused, (expected.category, expected.iou, expected.tp, expected.fp, expected.fn)):
+        assert np.array_equal(ours.numpy(), theirs)
+    assert expected.tp.sum() + expected.fp.sum() + expected.fn.sum() > 0
+
+
+@needs_compiled_statistics
+@pytest.mark.parametrize("kind", [1, 2, 3, 4])
+def test_cpp_matching_reports_png_and_table_disagreements(tmp_path, kind):
+    """Codes 1/2 (a gt id only in the PNG / only in the table) and 3/4 (the same for the prediction); pq_compute
+    then raises the reference's error."""
+    ids = np.array([[1, 1, 2], [1, 2, 2]])
+    gt_image, pred_image = image(0, ids, {1: 1, 2: 10}), image(0, ids, {1: 1, 2: 10})
+    side = gt_image if kind <= 2 else pred_image
+    if kind in (1, 3):
+        side["segments_info"] = side["segments_info"][:1]  # segment 2 only in the PNG
+    else:
+        side["segments_info"] = side["segments_info"] + [{"id": 9, "category_id": 1, "iscrowd": 0, "area": 1}]
+    paths, gt_table, pred_table, num_categories = _pngs_and_tables(tmp_path, gt_image, pred_image)
+    gt_png, pred_png = (ops.parse_panoptic_png(open(p, "rb").read()) for p in paths)
+    problem, *stats = ops.panoptic_png_pq_statistics(gt_png, pred_png, gt_table.packed(True), pred_table.packed(False),
+                                                     torch.from_numpy(gt_table.crowd_of_category), num_categories)
+    assert problem == kind and all(s.numel() == 0 for s in stats)
+    with pytest.raises(PanopticFormatError, match="segment (2|9) is in"):
+        file_statistics(*paths, gt_table, pred_table, num_categories, 0)

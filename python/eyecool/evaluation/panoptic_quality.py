@@ -28,14 +28,14 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image as Image
 import torch
 
-from eyecool_ext import ops
+from eyecool_ext import _extension, ops
 
 VOID = 0
 # Result keys of the JSON summary (x100), as detectron2 and the ecosystem report them.
@@ -88,6 +88,16 @@ class SegmentTable:
     iscrowd: np.ndarray  # bool [S]
     area: np.ndarray  # int64 [S], the JSON's area (used for gt segments only)
     crowd_of_category: np.ndarray  # int64 [C], the gt crowd segment that counts for each category, or -1
+
+    _packed: Dict[bool, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def packed(self, gt: bool) -> torch.Tensor:
+        """The rows the C++ matching reads (computed once): ``int64 [4, S]`` (ids, category, iscrowd, area) for
+        a gt table, ``[2, S]`` (ids, category) for a prediction's."""
+        if gt not in self._packed:
+            rows = (self.ids, self.category, self.iscrowd, self.area) if gt else (self.ids, self.category)
+            self._packed[gt] = torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
+        return self._packed[gt]
 
 
 def segment_table(segments_info: Sequence[Mapping], categories: CategoryTable, image_id, what: str) -> SegmentTable:
@@ -342,44 +352,79 @@ def pair_counts(gt_ids, pred_ids, image_id=None) -> Tuple[np.ndarray, np.ndarray
 # pq_compute
 
 
-def _file_pair_counts_or_error(gt_ann: Mapping, pred_ann: Mapping, gt_folder: str, pred_folder: str):
-    """One image's pair counts, or the exception reading them raised (re-raised in image order by the caller)."""
-    try:
-        return file_pair_counts(os.path.join(gt_folder, gt_ann["file_name"]),
-                                os.path.join(pred_folder, pred_ann["file_name"]), gt_ann["image_id"])
-    except Exception as exc:  # noqa: BLE001 - handed to the caller, which raises it
-        return exc
+def file_statistics(gt_path: str, pred_path: str, gt: SegmentTable, pred: SegmentTable, num_categories: int,
+                    image_id=None) -> ImageStatistics:
+    """One image's PQ statistics from its gt and predicted PNG files and segment tables: ``match_segments`` of
+    ``file_pair_counts``, computed in one C++ call (``ops.panoptic_png_pq_statistics``) for 8-bit RGB/RGBA PNGs
+    when the kernel is compiled. A PNG that disagrees with its table goes through the numpy path, which raises
+    the error naming the image and the segment."""
+    if _extension.use_compiled("panoptic_png_pq_statistics"):
+        gt_data, pred_data = _read_bytes(gt_path, image_id), _read_bytes(pred_path, image_id)
+        try:
+            gt_png, pred_png = ops.parse_panoptic_png(gt_data), ops.parse_panoptic_png(pred_data)
+        except ops.UnsupportedPNG:
+            gt_png = pred_png = None
+        if gt_png is not None:
+            if (gt_png.height, gt_png.width) != (pred_png.height, pred_png.width):
+                raise _size_mismatch(image_id, (pred_png.width, pred_png.height), (gt_png.width, gt_png.height))
+            try:
+                problem, category, iou, tp, fp, fn = ops.panoptic_png_pq_statistics(
+                    gt_png, pred_png, gt.packed(True), pred.packed(False), torch.from_numpy(gt.crowd_of_category),
+                    num_categories)
+            except ops.UnsupportedPNG:
+                problem = -1
+            if problem == 0:
+                return ImageStatistics(category.numpy(), iou.numpy(), tp.numpy(), fp.numpy(), fn.numpy())
+    return match_segments(file_pair_counts(gt_path, pred_path, image_id), gt, pred, num_categories, image_id)
 
 
 def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str, pred_folder: str,
                       categories: CategoryTable, stats: "PQStatistics", workers: int) -> None:
-    """Adds every image's statistics to ``stats``, in image order.
+    """Adds every image's statistics to ``stats``, in image order; the first image, in order, with an error
+    raises it.
 
-    Blocks of images go through two phases: worker threads read, inflate and pair-count the block's PNGs (C++
-    with the GIL released, contiguous chunks per task), then this thread matches the segments of the block's
-    images (numpy, GIL-bound). Matching inside the workers, as a thread per image would, is slower on few cores:
-    every kernel call then waits to get the GIL back from a thread that is matching. An error is raised for the
-    first image, in order, that has one, whichever phase found it.
+    This thread builds the segment tables of a block of images (Python); then worker threads take contiguous
+    chunks of the block, one C++ call per image that reads, inflates, pair-counts and matches with the GIL
+    released (:func:`file_statistics`). Building the tables inside the workers is slower on few cores: every
+    kernel call then waits to get the GIL back from a thread that is busy in Python. Chunks rather than single
+    images, because every finished task wakes this thread, which then competes with the workers for the GIL.
     """
+    num_categories = len(categories)
     chunk = max(1, min(16, len(matched) // (4 * workers)))
     block = 64 * workers * chunk
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for block_begin in range(0, len(matched), block):
             block_pairs = matched[block_begin:block_begin + block]
-
-            def count_chunk(begin: int):
-                return [_file_pair_counts_or_error(*pair, gt_folder, pred_folder)
-                        for pair in block_pairs[begin:begin + chunk]]
-
-            counted = [c for chunk_counts in pool.map(count_chunk, range(0, len(block_pairs), chunk))
-                       for c in chunk_counts]
-            for (gt_ann, pred_ann), pairs in zip(block_pairs, counted):
+            tables = []
+            for gt_ann, pred_ann in block_pairs:
                 image_id = gt_ann["image_id"]
-                gt_table = segment_table(gt_ann["segments_info"], categories, image_id, "gt")
-                pred_table = segment_table(pred_ann["segments_info"], categories, image_id, "prediction")
-                if isinstance(pairs, Exception):
-                    raise pairs
-                stats.add(match_segments(pairs, gt_table, pred_table, len(categories), image_id))
+                try:
+                    gt_table = segment_table(gt_ann["segments_info"], categories, image_id, "gt")
+                    pred_table = segment_table(pred_ann["segments_info"], categories, image_id, "prediction")
+                    gt_table.packed(True), pred_table.packed(False)  # here, not in the workers
+                    tables.append((gt_table, pred_table))
+                except PanopticFormatError as exc:
+                    tables.append(exc)  # raised in image order, below
+
+            def evaluate(index: int):
+                (gt_ann, pred_ann), image_tables = block_pairs[index], tables[index]
+                if isinstance(image_tables, Exception):
+                    return image_tables
+                try:
+                    return file_statistics(os.path.join(gt_folder, gt_ann["file_name"]),
+                                           os.path.join(pred_folder, pred_ann["file_name"]), *image_tables,
+                                           num_categories, gt_ann["image_id"])
+                except Exception as exc:  # noqa: BLE001 - raised by this thread, in image order
+                    return exc
+
+            def evaluate_chunk(begin: int):
+                return [evaluate(i) for i in range(begin, min(begin + chunk, len(block_pairs)))]
+
+            for chunk_stats in pool.map(evaluate_chunk, range(0, len(block_pairs), chunk)):
+                for image_stats in chunk_stats:
+                    if isinstance(image_stats, Exception):
+                        raise image_stats
+                    stats.add(image_stats)
 
 
 def _load_json(path: str):

@@ -383,48 +383,64 @@ def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str
     """Adds every image's statistics to ``stats``, in image order; the first image, in order, with an error
     raises it.
 
-    This thread builds the segment tables of a block of images (Python); then worker threads take contiguous
-    chunks of the block, one C++ call per image that reads, inflates, pair-counts and matches with the GIL
-    released (:func:`file_statistics`). Building the tables inside the workers is slower on few cores: every
-    kernel call then waits to get the GIL back from a thread that is busy in Python. Chunks rather than single
-    images, because every finished task wakes this thread, which then competes with the workers for the GIL.
+    This thread builds the segment tables of a block of images (Python) and hands the block to the worker
+    threads, in contiguous chunks: one C++ call per image that reads, inflates, pair-counts and matches with the
+    GIL released (:func:`file_statistics`). While they work, this thread builds the next block's tables. Building
+    the tables inside the workers is slower on few cores: every kernel call then waits to get the GIL back from
+    a thread that is busy in Python. Chunks rather than single images, because every finished task wakes this
+    thread, which then competes with the workers for the GIL.
     """
     num_categories = len(categories)
     chunk = max(1, min(16, len(matched) // (4 * workers)))
-    block = 64 * workers * chunk
+    block = 64 * workers
+
+    def tables_of(block_pairs):
+        tables = []
+        for gt_ann, pred_ann in block_pairs:
+            image_id = gt_ann["image_id"]
+            try:
+                gt_table = segment_table(gt_ann["segments_info"], categories, image_id, "gt")
+                pred_table = segment_table(pred_ann["segments_info"], categories, image_id, "prediction")
+                gt_table.packed(True), pred_table.packed(False)  # here, not in the workers
+                tables.append((gt_table, pred_table))
+            except Exception as exc:  # noqa: BLE001 - raised in image order, by collect()
+                tables.append(exc)
+        return tables
+
+    def evaluate(gt_ann, pred_ann, image_tables):
+        if isinstance(image_tables, Exception):
+            return image_tables
+        try:
+            return file_statistics(os.path.join(gt_folder, gt_ann["file_name"]),
+                                   os.path.join(pred_folder, pred_ann["file_name"]), *image_tables,
+                                   num_categories, gt_ann["image_id"])
+        except Exception as exc:  # noqa: BLE001 - raised by this thread, in image order
+            return exc
+
+    def submit(pool, block_pairs):
+        tables = tables_of(block_pairs)
+
+        def evaluate_chunk(begin: int):
+            return [evaluate(*block_pairs[i], tables[i]) for i in range(begin, min(begin + chunk, len(block_pairs)))]
+
+        return pool.map(evaluate_chunk, range(0, len(block_pairs), chunk))
+
+    def collect(results):
+        for chunk_stats in results:
+            for image_stats in chunk_stats:
+                if isinstance(image_stats, Exception):
+                    raise image_stats
+                stats.add(image_stats)
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = None
         for block_begin in range(0, len(matched), block):
-            block_pairs = matched[block_begin:block_begin + block]
-            tables = []
-            for gt_ann, pred_ann in block_pairs:
-                image_id = gt_ann["image_id"]
-                try:
-                    gt_table = segment_table(gt_ann["segments_info"], categories, image_id, "gt")
-                    pred_table = segment_table(pred_ann["segments_info"], categories, image_id, "prediction")
-                    gt_table.packed(True), pred_table.packed(False)  # here, not in the workers
-                    tables.append((gt_table, pred_table))
-                except PanopticFormatError as exc:
-                    tables.append(exc)  # raised in image order, below
-
-            def evaluate(index: int):
-                (gt_ann, pred_ann), image_tables = block_pairs[index], tables[index]
-                if isinstance(image_tables, Exception):
-                    return image_tables
-                try:
-                    return file_statistics(os.path.join(gt_folder, gt_ann["file_name"]),
-                                           os.path.join(pred_folder, pred_ann["file_name"]), *image_tables,
-                                           num_categories, gt_ann["image_id"])
-                except Exception as exc:  # noqa: BLE001 - raised by this thread, in image order
-                    return exc
-
-            def evaluate_chunk(begin: int):
-                return [evaluate(i) for i in range(begin, min(begin + chunk, len(block_pairs)))]
-
-            for chunk_stats in pool.map(evaluate_chunk, range(0, len(block_pairs), chunk)):
-                for image_stats in chunk_stats:
-                    if isinstance(image_stats, Exception):
-                        raise image_stats
-                    stats.add(image_stats)
+            results = submit(pool, matched[block_begin:block_begin + block])
+            if pending is not None:
+                collect(pending)
+            pending = results
+        if pending is not None:
+            collect(pending)
 
 
 def _load_json(path: str):

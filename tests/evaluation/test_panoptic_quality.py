@@ -301,3 +301,22 @@ def test_cpp_matching_reports_png_and_table_disagreements(tmp_path, kind):
     assert problem == kind and all(s.numel() == 0 for s in stats)
     with pytest.raises(PanopticFormatError, match="segment (2|9) is in"):
         file_statistics(*paths, gt_table, pred_table, num_categories, 0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_first_bad_image_in_order_raises_across_blocks(tmp_path, workers):
+    """Image 3 misses its prediction PNG, image 200 (a later block of the pipeline) has an unknown category:
+    the error is image 3's, whichever thread found which first; without image 3's problem, image 200's."""
+    ids = np.array([[1, 1, 2], [1, 2, 2]])
+    images = [image(i, ids, {1: 1, 2: 10}) for i in range(210)]
+    preds = [image(i, ids, {1: 1, 2: 10}) for i in range(210)]
+    preds[200]["segments_info"][0]["category_id"] = 555
+    gt_json, gt_dir = write_split(str(tmp_path), "gt", images)
+    pred_json, pred_dir = write_split(str(tmp_path), "pred", preds)
+    missing = os.path.join(pred_dir, "000003.png")
+    os.rename(missing, missing + ".moved")
+    with pytest.raises(FileNotFoundError, match="image 3: panoptic PNG"):
+        pq_compute(gt_json, pred_json, gt_dir, pred_dir, num_workers=workers, verbose=False)
+    os.rename(missing + ".moved", missing)
+    with pytest.raises(PanopticFormatError, match="image 200: prediction segment 1 has unknown category_id 555"):
+        pq_compute(gt_json, pred_json, gt_dir, pred_dir, num_workers=workers, verbose=False)

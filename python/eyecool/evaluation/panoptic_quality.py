@@ -17,8 +17,10 @@ Per category, ``PQ = sum IoU / (TP + FP/2 + FN/2)``, ``SQ = sum IoU / TP``, ``RQ
 categories with no TP, FP or FN are left out of the averages; Things and Stuff average over ``isthing``.
 
 :func:`pq_compute` evaluates a folder of prediction PNGs (panopticapi's signature and return value): images
-are processed in parallel threads, and each gt / prediction PNG pair is inflated, unfiltered and pair-counted
-in C++ with the GIL released, without either id map being written (``ops.panoptic_png_pair_counts``). :class:`eyecool.evaluation.PanopticEvaluator` uses the same per-image code on id maps in memory.
+are processed in parallel threads, and each gt / prediction PNG pair is unfiltered, pair-counted and matched in
+one C++ call with the GIL released, without either id map being written (``ops.panoptic_png_pq_statistics``,
+whose matching is :func:`match_segments` in C++). :class:`eyecool.evaluation.PanopticEvaluator` uses
+:func:`match_segments` on id maps in memory.
 """
 from __future__ import annotations
 

@@ -2,14 +2,15 @@
 
 ``decode_panoptic_png(data)`` parses the PNG chunks, inflates the image data with the fastest inflater at hand
 (libdeflate, else zlib-ng, through ``imagecodecs`` when installed: several times faster than the standard
-library's zlib on panoptic PNGs), and unfilters the scanlines into ids in one C++ pass (``torch.ops.eyecool.panoptic_png_ids``).
-Both steps release the GIL, so a thread pool decodes several PNGs at once. It covers what panoptic PNGs are
-(8-bit RGB or RGBA, not interlaced) and raises ``UnsupportedPNG`` for anything else, so that callers can fall
-back to PIL. Without the compiled kernel it decodes with PIL itself (the reference unfilter is an oracle for
-small images, far too slow for whole ones).
+library's zlib on panoptic PNGs), and unfilters the scanlines into ids in one C++ pass
+(``torch.ops.eyecool.panoptic_png_ids``). Both steps release the GIL, so a thread pool decodes several PNGs at
+once. It covers what panoptic PNGs are (8-bit RGB or RGBA, not interlaced) and raises ``UnsupportedPNG`` for
+anything else, so that callers can fall back to PIL. Without the compiled kernel it decodes with PIL itself (the
+reference unfilter is an oracle for small images, far too slow for whole ones).
 
 ``panoptic_png_pair_counts(gt, pred)`` is panoptic quality's whole per-image inner loop: both PNGs inflated,
-unfiltered and their (gt, pred) segment pairs counted row by row, without either id map ever being written.
+unfiltered and their (gt, pred) segment pairs counted row by row, without either id map ever being written;
+``panoptic_png_pq_statistics`` goes on to match the segments, so pq_compute needs one kernel call per image.
 
 Inflated data goes into a buffer kept per thread and reused: a COCO-sized image inflates to about 1 MB, and
 filling fresh pages costs the kernel more page faults than the inflation itself costs zlib-ng.
@@ -257,9 +258,8 @@ if _extension.has_op("panoptic_png_pq_statistics"):
     def _panoptic_png_pq_statistics_fake(gt_scanlines, pred_scanlines, height, width, gt_channels, pred_channels,
                                          gt_segments, pred_segments, crowd_of_category, num_categories):
         touched = torch.library.get_ctx().new_dynamic_size()
-        long = gt_segments.new_empty((touched,))
-        return (gt_segments.new_empty((1,)), long, gt_segments.new_empty((touched,), dtype=torch.float64), long,
-                long.clone(), long.clone())
+        category, tp, fp, fn = (gt_segments.new_empty((touched,)) for _ in range(4))
+        return gt_segments.new_empty((1,)), category, gt_segments.new_empty((touched,), dtype=torch.float64), tp, fp, fn
 
 
 if _extension.has_op("panoptic_png_ids"):

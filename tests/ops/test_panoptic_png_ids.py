@@ -206,3 +206,42 @@ def test_decoding_without_the_compiled_extension():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "fallback ok" in res.stdout
+
+
+def _statistics_inputs():
+    """A 2x3 RGB gt with six one-pixel segments and an RGBA prediction of one segment, with their tables."""
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    gt = filter_scanlines(rgb, [1, 4])
+    pred = filter_scanlines(np.full((2, 3, 4), 9, dtype=np.uint8), [0, 2])
+    channels = rgb.astype(np.int64)
+    gt_ids = np.sort((channels[..., 0] + 256 * channels[..., 1] + 65536 * channels[..., 2]).ravel())
+    gt_segments = torch.from_numpy(np.stack([gt_ids, np.zeros(6, np.int64), np.zeros(6, np.int64),
+                                             np.ones(6, np.int64)]))
+    pred_segments = torch.tensor([[9 + 9 * 256 + 9 * 65536], [0]])
+    return gt, pred, gt_segments, pred_segments, torch.full((2,), -1, dtype=torch.int64)
+
+
+@needs_compiled
+def test_pq_statistics_opcheck_and_values():
+    gt, pred, gt_segments, pred_segments, crowd = _statistics_inputs()
+    args = (gt, pred, 2, 3, 3, 4, gt_segments, pred_segments, crowd, 2)
+    torch.library.opcheck(torch.ops.eyecool.panoptic_png_pq_statistics.default, args)
+    problem, category, iou, tp, fp, fn = torch.ops.eyecool.panoptic_png_pq_statistics(*args)
+    # Six one-pixel gt segments of category 0 against one six-pixel prediction: IoU 1/6 each, no match, six
+    # misses and one false positive.
+    assert problem.tolist() == [0] and category.tolist() == [0]
+    assert tp.tolist() == [0] and fp.tolist() == [1] and fn.tolist() == [6] and iou.tolist() == [0.0]
+
+
+@needs_compiled
+def test_pq_statistics_checks_its_tables():
+    gt, pred, gt_segments, pred_segments, crowd = _statistics_inputs()
+    op = torch.ops.eyecool.panoptic_png_pq_statistics
+    with pytest.raises(RuntimeError, match=r"gt_segments must be a contiguous int64 CPU tensor \[4, segments\]"):
+        op(gt, pred, 2, 3, 3, 4, gt_segments[:2].contiguous(), pred_segments, crowd, 2)
+    with pytest.raises(RuntimeError, match="pred_segments row 0 has category index 5, expected"):
+        op(gt, pred, 2, 3, 3, 4, gt_segments, torch.tensor([[592137], [5]]), crowd, 2)
+    with pytest.raises(RuntimeError, match="gt_segments ids must be strictly ascending"):
+        op(gt, pred, 2, 3, 3, 4, gt_segments.flip(1).contiguous(), pred_segments, crowd, 2)
+    with pytest.raises(RuntimeError, match=r"crowd_of_category must be a contiguous int64 CPU tensor \[2\]"):
+        op(gt, pred, 2, 3, 3, 4, gt_segments, pred_segments, crowd[:1], 2)

@@ -83,7 +83,8 @@ def build_extensions(cuda_home):
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-fopenmp", "-DEYECOOL_BUILD"]
     define_macros = []
-    extra_link = ["-fopenmp"]
+    # libdl: dlopen of libdeflate at run time (csrc/cpu/libdeflate_runtime.cpp; part of libc since glibc 2.34).
+    extra_link = ["-fopenmp", "-ldl"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     nvcc_flags = []
     if use_cuda:

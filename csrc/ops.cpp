@@ -42,6 +42,14 @@ TORCH_LIBRARY(eyecool, m) {
       "panoptic_png_pq_statistics(Tensor gt_scanlines, Tensor pred_scanlines, SymInt height, SymInt width, "
       "int gt_channels, int pred_channels, Tensor gt_segments, Tensor pred_segments, Tensor crowd_of_category, "
       "int num_categories) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same from the two PNG files' paths: reading, chunk CRCs and inflation (libdeflate) in C++ too, so that
+  // one GIL-free call does an image. problem 5: something this fast path does not handle (an unreadable or
+  // unusual PNG, two sizes, no libdeflate): the caller then takes the path that reports it. CPU only.
+  m.def(
+      "panoptic_png_file_pq_statistics(str gt_path, str pred_path, Tensor gt_segments, Tensor pred_segments, "
+      "Tensor crowd_of_category, int num_categories) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Loads libdeflate for panoptic_png_file_pq_statistics from the first of `paths` that loads; its index or -1.
+  m.def("_load_libdeflate(str[] paths) -> int");
   // Deformable convolution, DCN v1 (mask None) and modulated v2; torchvision's semantics with the weight groups
   // and offset groups inferred from the shapes. The backward returns (grad_input, grad_offset, grad_weight,
   // grad_mask, grad_bias); grad_mask is an empty [0] tensor when mask is None.

@@ -10,11 +10,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "cpu/libdeflate_runtime.h"
 #include "cpu/pair_counter.h"
 #include "cpu/pq_match.h"
 #include "panoptic_png_ids.h"
@@ -196,7 +199,23 @@ void count_png_pairs_for(const uint8_t* gt_src, const uint8_t* pred_src, int64_t
   }
 }
 
-// The distinct (gt, pred) pairs of two PNGs' scanlines and their pixel counts, sorted by key.
+// The distinct (gt, pred) pairs of two images' scanlines (checked sizes, height and width > 0) and their pixel
+// counts, sorted by key.
+std::vector<KeyCount> scanline_pair_list(const uint8_t* gt_src, const uint8_t* pred_src, int64_t height,
+                                         int64_t width, int64_t gt_channels, int64_t pred_channels) {
+  PairCounter counter;
+  if (gt_channels == 3) {
+    count_png_pairs_for<3>(gt_src, pred_src, height, width, pred_channels, counter);
+  } else {
+    count_png_pairs_for<4>(gt_src, pred_src, height, width, pred_channels, counter);
+  }
+  std::vector<KeyCount> pairs;
+  counter.append_to(pairs);
+  std::sort(pairs.begin(), pairs.end());
+  return pairs;
+}
+
+// The same from two PNGs' scanline tensors, checked.
 std::vector<KeyCount> png_pair_list(const at::Tensor& gt_scanlines_in, const at::Tensor& pred_scanlines_in,
                                     int64_t height, int64_t width, int64_t gt_channels, int64_t pred_channels,
                                     const char* op) {
@@ -204,20 +223,9 @@ std::vector<KeyCount> png_pair_list(const at::Tensor& gt_scanlines_in, const at:
   check_scanlines(pred_scanlines_in, height, width, pred_channels, op, "pred_scanlines");
   const at::Tensor gt_scanlines = gt_scanlines_in.contiguous();
   const at::Tensor pred_scanlines = pred_scanlines_in.contiguous();
-  PairCounter counter;
-  if (height > 0 && width > 0) {
-    const uint8_t* gt_src = gt_scanlines.data_ptr<uint8_t>();
-    const uint8_t* pred_src = pred_scanlines.data_ptr<uint8_t>();
-    if (gt_channels == 3) {
-      count_png_pairs_for<3>(gt_src, pred_src, height, width, pred_channels, counter);
-    } else {
-      count_png_pairs_for<4>(gt_src, pred_src, height, width, pred_channels, counter);
-    }
-  }
-  std::vector<KeyCount> pairs;
-  counter.append_to(pairs);
-  std::sort(pairs.begin(), pairs.end());
-  return pairs;
+  if (height == 0 || width == 0) return {};
+  return scanline_pair_list(gt_scanlines.data_ptr<uint8_t>(), pred_scanlines.data_ptr<uint8_t>(), height, width,
+                            gt_channels, pred_channels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> panoptic_png_pair_counts_cpu(
@@ -259,28 +267,22 @@ SegmentRows segment_rows(const at::Tensor& table, int64_t rows, int64_t num_cate
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panoptic_png_pq_statistics_cpu(
-    const at::Tensor& gt_scanlines, const at::Tensor& pred_scanlines, int64_t height, int64_t width,
-    int64_t gt_channels, int64_t pred_channels, const at::Tensor& gt_segments, const at::Tensor& pred_segments,
-    const at::Tensor& crowd_of_category, int64_t num_categories) {
-  TORCH_CHECK(num_categories >= 0, "panoptic_png_pq_statistics: num_categories must be >= 0, got ", num_categories);
-  const SegmentRows gt = segment_rows(gt_segments, 4, num_categories, "gt_segments");
-  const SegmentRows pred = segment_rows(pred_segments, 2, num_categories, "pred_segments");
+void check_crowd_of_category(const at::Tensor& crowd_of_category, int64_t num_categories) {
   TORCH_CHECK(crowd_of_category.device().is_cpu() && crowd_of_category.scalar_type() == at::kLong &&
                   crowd_of_category.dim() == 1 && crowd_of_category.numel() == num_categories &&
                   crowd_of_category.is_contiguous(),
               "panoptic_png_pq_statistics: crowd_of_category must be a contiguous int64 CPU tensor [",
               num_categories, "], got ", crowd_of_category.scalar_type(), " of shape ", crowd_of_category.sizes());
-  const std::vector<KeyCount> pairs = png_pair_list(gt_scanlines, pred_scanlines, height, width, gt_channels,
-                                                    pred_channels, "panoptic_png_pq_statistics");
-  CategoryStatistics stats(num_categories);
-  const MatchProblem problem =
-      match_image_segments(pairs, gt, pred, crowd_of_category.data_ptr<int64_t>(), stats);
-  const auto long_options = gt_scanlines.options().dtype(at::kLong);
+}
+
+// (problem [1], category, iou_sum, tp, fp, fn) over the categories with a TP, FP or FN (none unless problem is 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> statistics_outputs(
+    int64_t problem, const CategoryStatistics& stats, const at::TensorOptions& options) {
+  const auto long_options = options.dtype(at::kLong).device(at::kCPU);
   std::vector<int64_t> touched;
-  if (problem == MatchProblem::kNone) {
-    for (int64_t c = 0; c < num_categories; ++c) {
-      if (stats.tp[c] + stats.fp[c] + stats.fn[c] != 0) touched.push_back(c);
+  if (problem == 0) {
+    for (size_t c = 0; c < stats.tp.size(); ++c) {
+      if (stats.tp[c] + stats.fp[c] + stats.fn[c] != 0) touched.push_back(static_cast<int64_t>(c));
     }
   }
   const int64_t k = static_cast<int64_t>(touched.size());
@@ -294,7 +296,138 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     fp.data_ptr<int64_t>()[i] = stats.fp[c];
     fn.data_ptr<int64_t>()[i] = stats.fn[c];
   }
-  return {at::full({1}, static_cast<int64_t>(problem), long_options), category, iou, tp, fp, fn};
+  return {at::full({1}, problem, long_options), category, iou, tp, fp, fn};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panoptic_png_pq_statistics_cpu(
+    const at::Tensor& gt_scanlines, const at::Tensor& pred_scanlines, int64_t height, int64_t width,
+    int64_t gt_channels, int64_t pred_channels, const at::Tensor& gt_segments, const at::Tensor& pred_segments,
+    const at::Tensor& crowd_of_category, int64_t num_categories) {
+  TORCH_CHECK(num_categories >= 0, "panoptic_png_pq_statistics: num_categories must be >= 0, got ", num_categories);
+  const SegmentRows gt = segment_rows(gt_segments, 4, num_categories, "gt_segments");
+  const SegmentRows pred = segment_rows(pred_segments, 2, num_categories, "pred_segments");
+  check_crowd_of_category(crowd_of_category, num_categories);
+  const std::vector<KeyCount> pairs = png_pair_list(gt_scanlines, pred_scanlines, height, width, gt_channels,
+                                                    pred_channels, "panoptic_png_pq_statistics");
+  CategoryStatistics stats(num_categories);
+  const MatchProblem problem =
+      match_image_segments(pairs, gt, pred, crowd_of_category.data_ptr<int64_t>(), stats);
+  return statistics_outputs(static_cast<int64_t>(problem), stats, gt_segments.options());
+}
+
+// ---- whole files: the PNG chunks, their CRCs and the inflation in C++ too (libdeflate, loaded at run time) ----
+
+// Returned by panoptic_png_file_pq_statistics for anything its fast path leaves to the Python one.
+constexpr int64_t kNotHandled = 5;
+
+uint32_t big_endian_u32(const uint8_t* p) {
+  return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
+}
+
+// One PNG file in this thread's buffers: its bytes, its image data and the inflated scanlines.
+struct PngScratch {
+  std::vector<uint8_t> file, idat, scanlines;
+  int64_t width = 0, height = 0, channels = 0;
+};
+
+bool read_whole_file(const std::string& path, std::vector<uint8_t>& out) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  bool ok = std::fseek(f, 0, SEEK_END) == 0;
+  const long size = ok ? std::ftell(f) : -1;
+  ok = ok && size >= 0 && std::fseek(f, 0, SEEK_SET) == 0;
+  if (ok) {
+    out.resize(static_cast<size_t>(size));
+    ok = std::fread(out.data(), 1, out.size(), f) == out.size();
+  }
+  std::fclose(f);
+  return ok;
+}
+
+// parse_panoptic_png's rules (eyecool_ext/ops/panoptic_png.py): the signature, every chunk whole and its CRC
+// right up to IEND, one IHDR of 13 bytes, 8-bit RGB or RGBA, not interlaced, at least one IDAT; then the
+// inflation of the joined IDATs into exactly height * (1 + width * channels) bytes. False for anything else.
+bool load_png(const std::string& path, PngScratch& png) {
+  static const uint8_t kSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  const LibdeflateApi& deflate = libdeflate();
+  if (!read_whole_file(path, png.file)) return false;
+  const uint8_t* data = png.file.data();
+  const size_t size = png.file.size();
+  if (size < 8 || std::memcmp(data, kSignature, 8) != 0) return false;
+  png.idat.clear();
+  bool header = false;
+  int64_t bit_depth = 0, colour_type = 0, interlace = 0;
+  for (size_t pos = 8; pos + 8 <= size;) {
+    const size_t length = big_endian_u32(data + pos);
+    const uint8_t* kind = data + pos + 4;
+    if (length > size - pos - 8 || size - pos - 8 - length < 4) return false;  // truncated body or CRC
+    const uint8_t* body = data + pos + 8;
+    const uint32_t crc = deflate.crc32(deflate.crc32(0, kind, 4), body, length);
+    if (crc != big_endian_u32(body + length)) return false;
+    if (std::memcmp(kind, "IHDR", 4) == 0) {
+      if (length != 13) return false;
+      png.width = big_endian_u32(body);
+      png.height = big_endian_u32(body + 4);
+      bit_depth = body[8];
+      colour_type = body[9];
+      interlace = body[12];
+      header = true;
+    } else if (std::memcmp(kind, "IDAT", 4) == 0) {
+      png.idat.insert(png.idat.end(), body, body + length);
+    } else if (std::memcmp(kind, "IEND", 4) == 0) {
+      break;
+    }
+    pos += 12 + length;
+  }
+  if (!header || png.idat.empty() || bit_depth != 8 || (colour_type != 2 && colour_type != 6) || interlace != 0) {
+    return false;
+  }
+  png.channels = colour_type == 2 ? 3 : 4;
+  if (png.width == 0 || png.height == 0) return false;
+  const size_t scanline_bytes = static_cast<size_t>(png.height) * (1 + static_cast<size_t>(png.width) * png.channels);
+  // As _inflate: deflate expands at most ~1032:1, so a header promising more is forged or truncated.
+  const size_t compressed = png.idat.size();
+  if (scanline_bytes > 1032 * compressed + 1024) return false;
+  // The zlib stream: deflate method, a header that checks, no preset dictionary; then the raw deflate data
+  // before the Adler-32 trailer (not verified again: the chunk CRCs cover these bytes).
+  if (compressed < 6) return false;
+  const uint8_t cmf = png.idat[0], flg = png.idat[1];
+  if ((cmf & 0x0F) != 8 || (cmf * 256 + flg) % 31 != 0 || (flg & 0x20) != 0) return false;
+  png.scanlines.resize(scanline_bytes);  // kept per thread: fresh pages would cost more page faults than inflating
+  thread_local struct Decompressor {
+    void* handle = nullptr;
+    ~Decompressor() {
+      if (handle != nullptr) libdeflate().free_decompressor(handle);
+    }
+  } decompressor;
+  if (decompressor.handle == nullptr) decompressor.handle = deflate.alloc_decompressor();
+  if (decompressor.handle == nullptr) return false;
+  size_t actual = 0;
+  const int result = deflate.deflate_decompress(decompressor.handle, png.idat.data() + 2, compressed - 6,
+                                                png.scanlines.data(), scanline_bytes, &actual);
+  return result == 0 && actual == scanline_bytes;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panoptic_png_file_pq_statistics_cpu(
+    c10::string_view gt_path, c10::string_view pred_path, const at::Tensor& gt_segments,
+    const at::Tensor& pred_segments, const at::Tensor& crowd_of_category, int64_t num_categories) {
+  TORCH_CHECK(num_categories >= 0, "panoptic_png_file_pq_statistics: num_categories must be >= 0, got ",
+              num_categories);
+  const SegmentRows gt = segment_rows(gt_segments, 4, num_categories, "gt_segments");
+  const SegmentRows pred = segment_rows(pred_segments, 2, num_categories, "pred_segments");
+  check_crowd_of_category(crowd_of_category, num_categories);
+  CategoryStatistics stats(num_categories);
+  thread_local PngScratch gt_png, pred_png;
+  if (!libdeflate().loaded() || !load_png(std::string(gt_path), gt_png) || !load_png(std::string(pred_path), pred_png) ||
+      gt_png.width != pred_png.width || gt_png.height != pred_png.height) {
+    return statistics_outputs(kNotHandled, stats, gt_segments.options());
+  }
+  const std::vector<KeyCount> pairs =
+      scanline_pair_list(gt_png.scanlines.data(), pred_png.scanlines.data(), gt_png.height, gt_png.width,
+                         gt_png.channels, pred_png.channels);
+  const MatchProblem problem =
+      match_image_segments(pairs, gt, pred, crowd_of_category.data_ptr<int64_t>(), stats);
+  return statistics_outputs(static_cast<int64_t>(problem), stats, gt_segments.options());
 }
 
 }  // namespace
@@ -304,4 +437,5 @@ TORCH_LIBRARY_IMPL(eyecool, CPU, m) {
   m.impl("panoptic_png_ids", &eyecool::panoptic_png_ids_cpu);
   m.impl("panoptic_png_pair_counts", &eyecool::panoptic_png_pair_counts_cpu);
   m.impl("panoptic_png_pq_statistics", &eyecool::panoptic_png_pq_statistics_cpu);
+  m.impl("panoptic_png_file_pq_statistics", &eyecool::panoptic_png_file_pq_statistics_cpu);
 }

@@ -4,6 +4,7 @@ from eyecool_ext.ops.fg_fusion import fg_fusion
 from eyecool_ext.ops.panoptic_merge import (heuristic_panoptic_merge, upsnet_panoptic_merge,
                                             upsnet_panoptic_merge_batch)
 from eyecool_ext.ops.panoptic_png import (PanopticPNG, UnsupportedPNG, decode_panoptic_png, panoptic_png_ids,
+                                          file_pq_statistics_available, panoptic_png_file_pq_statistics,
                                           panoptic_png_pair_counts, panoptic_png_pq_statistics, parse_panoptic_png)
 from eyecool_ext.ops.pq_pair_counts import batched_pq_pair_counts, pq_pair_counts
 from eyecool_ext.ops.roi_align import MultiLevelRoIAlign, RoIAlign, multilevel_roi_align, roi_align
@@ -11,4 +12,5 @@ from eyecool_ext.ops.roi_align import MultiLevelRoIAlign, RoIAlign, multilevel_r
 __all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign", "deform_conv2d", "DeformConv2d",
            "fg_fusion", "upsnet_panoptic_merge", "upsnet_panoptic_merge_batch", "heuristic_panoptic_merge",
            "pq_pair_counts", "batched_pq_pair_counts", "panoptic_png_ids", "decode_panoptic_png", "UnsupportedPNG",
-           "PanopticPNG", "parse_panoptic_png", "panoptic_png_pair_counts", "panoptic_png_pq_statistics"]
+           "PanopticPNG", "parse_panoptic_png", "panoptic_png_pair_counts", "panoptic_png_pq_statistics",
+           "panoptic_png_file_pq_statistics", "file_pq_statistics_available"]

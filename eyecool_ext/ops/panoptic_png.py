@@ -17,7 +17,9 @@ filling fresh pages costs the kernel more page faults than the inflation itself 
 """
 from __future__ import annotations
 
+import glob
 import io
+import os
 import struct
 import threading
 import zlib
@@ -250,6 +252,56 @@ def panoptic_png_pq_statistics(gt: PanopticPNG, pred: PanopticPNG, gt_segments: 
         _scanlines(gt, "gt"), _scanlines(pred, "pred"), gt.height, gt.width, gt.channels, pred.channels, gt_segments,
         pred_segments, crowd_of_category, num_categories)
     return (int(problem), *stats)
+
+
+_NOT_HANDLED = 5  # panoptic_png_file_pq_statistics: these files are for the path that parses in Python
+_libdeflate_loaded: Optional[bool] = None
+
+
+def _libdeflate_candidates():
+    """Where libdeflate may be: the system's, then the copy the imagecodecs wheel bundles."""
+    paths = ["libdeflate.so.0", "libdeflate.so", "libdeflate.0.dylib", "libdeflate.dylib"]
+    if _imagecodecs is not None:
+        package = os.path.dirname(os.path.abspath(_imagecodecs.__file__))
+        for folder in (os.path.join(os.path.dirname(package), "imagecodecs.libs"), package):
+            paths += sorted(glob.glob(os.path.join(folder, "libdeflate*.so*")))
+            paths += sorted(glob.glob(os.path.join(folder, "libdeflate*.dylib")))
+    return paths
+
+
+def file_pq_statistics_available() -> bool:
+    """Whether :func:`panoptic_png_file_pq_statistics` can run: the compiled kernel, and libdeflate found and
+    loaded at run time (the extension does not link it)."""
+    global _libdeflate_loaded
+    if _libdeflate_loaded is None:
+        _libdeflate_loaded = (_extension.use_compiled("panoptic_png_file_pq_statistics")
+                              and torch.ops.eyecool._load_libdeflate(_libdeflate_candidates()) >= 0)
+    return _libdeflate_loaded
+
+
+def panoptic_png_file_pq_statistics(gt_path: str, pred_path: str, gt_segments: Tensor, pred_segments: Tensor,
+                                    crowd_of_category: Tensor, num_categories: int):
+    """:func:`panoptic_png_pq_statistics` from the two PNG files' paths, in one GIL-free C++ call: reading, the
+    chunk CRCs and the inflation (libdeflate) too. Needs :func:`file_pq_statistics_available`.
+
+    Returns:
+        as :func:`panoptic_png_pq_statistics`, and ``problem`` 5 for files this path does not handle (unreadable,
+        not an 8-bit RGB/RGBA PNG, corrupt, of two sizes, or empty): :func:`parse_panoptic_png` and
+        :func:`panoptic_png_pq_statistics` then report or handle them.
+    """
+    problem, *stats = torch.ops.eyecool.panoptic_png_file_pq_statistics(
+        os.fspath(gt_path), os.fspath(pred_path), gt_segments, pred_segments, crowd_of_category, num_categories)
+    return (int(problem), *stats)
+
+
+if _extension.has_op("panoptic_png_file_pq_statistics"):
+
+    @torch.library.register_fake("eyecool::panoptic_png_file_pq_statistics")
+    def _panoptic_png_file_pq_statistics_fake(gt_path, pred_path, gt_segments, pred_segments, crowd_of_category,
+                                              num_categories):
+        touched = torch.library.get_ctx().new_dynamic_size()
+        category, tp, fp, fn = (gt_segments.new_empty((touched,)) for _ in range(4))
+        return gt_segments.new_empty((1,)), category, gt_segments.new_empty((touched,), dtype=torch.float64), tp, fp, fn
 
 
 if _extension.has_op("panoptic_png_pq_statistics"):

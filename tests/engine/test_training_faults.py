@@ -138,7 +138,7 @@ def _two_ranks(out_dir, fault):
 
 def test_nan_on_one_rank_stops_both_ranks_together(tmp_path):
     codes, messages = _two_ranks(tmp_path, "nan")
-    assert codes == [3, 3], messages
+    assert codes == [3, 3], (codes, messages)
     assert all("non-finite loss at iteration 2" in m for m in messages), messages
     assert "rank 1: loss_reg = nan" in messages[1]
     assert "rank 0: (finite here, non-finite on another rank)" in messages[0]
@@ -149,7 +149,7 @@ def test_sigterm_on_one_rank_stops_both_ranks_after_the_same_iteration(tmp_path)
     """Only rank 1 gets SIGTERM: both ranks agree to stop after iteration 3, take part in the checkpoint (rank 0
     writes it, with both ranks' generators) and exit with 143."""
     codes, messages = _two_ranks(tmp_path, "sigterm")
-    assert codes == [143, 143], messages
+    assert codes == [143, 143], (codes, messages)
     assert all("SIGTERM: stopped after iteration 3" in m for m in messages), messages
     assert os.path.basename(last_checkpoint_path(str(tmp_path))) == "model_0000003.pth"
     assert len(load_checkpoint(last_checkpoint_path(str(tmp_path)))["rng"]) == 2

@@ -273,13 +273,20 @@ def test_cpp_matching_is_bit_identical_to_the_numpy_rules(tmp_path, seed):
     gt_image, pred_image = random_pair(rng, 0, height=40, width=56)
     paths, gt_table, pred_table, num_categories = _pngs_and_tables(tmp_path, gt_image, pred_image)
     gt_png, pred_png = (ops.parse_panoptic_png(open(p, "rb").read()) for p in paths)
-    problem, *fused = ops.panoptic_png_pq_statistics(gt_png, pred_png, gt_table.packed(True), pred_table.packed(False),
-                                                     torch.from_numpy(gt_table.crowd_of_category), num_categories)
+    tables = (gt_table.packed(True), pred_table.packed(False), torch.from_numpy(gt_table.crowd_of_category),
+              num_categories)
+    problem, *fused = ops.panoptic_png_pq_statistics(gt_png, pred_png, *tables)
     assert problem == 0
     expected = match_segments(file_pair_counts(*paths), gt_table, pred_table, num_categories, 0)
-    for ours, theirs in zip(fused, (expected.category, expected.iou, expected.tp, expected.fp, expected.fn)):
+    expected = (expected.category, expected.iou, expected.tp, expected.fp, expected.fn)
+    for ours, theirs in zip(fused, expected):
         assert np.array_equal(ours.numpy(), theirs)
-    assert expected.tp.sum() + expected.fp.sum() + expected.fn.sum() > 0
+    assert sum(int(x.sum()) for x in expected[2:]) > 0
+    if ops.file_pq_statistics_available():  # the same from the files, parsed and inflated in C++
+        problem, *from_files = ops.panoptic_png_file_pq_statistics(*paths, *tables)
+        assert problem == 0
+        for ours, theirs in zip(from_files, expected):
+            assert np.array_equal(ours.numpy(), theirs)
 
 
 @needs_compiled_statistics
@@ -320,3 +327,98 @@ def test_first_bad_image_in_order_raises_across_blocks(tmp_path, workers):
     os.rename(missing + ".moved", missing)
     with pytest.raises(PanopticFormatError, match="image 200: prediction segment 1 has unknown category_id 555"):
         pq_compute(gt_json, pred_json, gt_dir, pred_dir, num_workers=workers, verbose=False)
+
+
+needs_file_statistics = pytest.mark.skipif(not ops.file_pq_statistics_available(),
+                                           reason="needs the compiled kernel and libdeflate")
+
+
+def _png_chunks(data):
+    """[(kind, body)] of a PNG's bytes."""
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        chunks.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def _png_bytes(chunks):
+    import zlib
+    out = b"\x89PNG\r\n\x1a\n"
+    for kind, body in chunks:
+        out += len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    return out
+
+
+@needs_file_statistics
+def test_file_statistics_reads_split_image_data_and_leaves_other_files_to_python(tmp_path):
+    """IDAT split over several chunks decodes the same; a missing file, a flipped byte (CRC), another PNG kind
+    (16-bit) and two sizes come back as 5 (not handled), and pq_compute's Python path then reports them."""
+    rng = np.random.default_rng(7)
+    gt_image, pred_image = random_pair(rng, 0, height=30, width=40)
+    paths, gt_table, pred_table, num_categories = _pngs_and_tables(tmp_path, gt_image, pred_image)
+    tables = (gt_table.packed(True), pred_table.packed(False), torch.from_numpy(gt_table.crowd_of_category),
+              num_categories)
+    problem, *whole = ops.panoptic_png_file_pq_statistics(*paths, *tables)
+    assert problem == 0
+    data = open(paths[1], "rb").read()
+    chunks = _png_chunks(data)
+    idat = b"".join(body for kind, body in chunks if kind == b"IDAT")
+    split = [c for c in chunks if c[0] != b"IDAT" and c[0] != b"IEND"]
+    split += [(b"IDAT", idat[i:i + 7]) for i in range(0, len(idat), 7)] + [(b"IEND", b"")]
+    split_path = str(tmp_path / "split.png")
+    with open(split_path, "wb") as f:
+        f.write(_png_bytes(split))
+    problem, *from_split = ops.panoptic_png_file_pq_statistics(paths[0], split_path, *tables)
+    assert problem == 0 and all(torch.equal(a, b) for a, b in zip(from_split, whole))
+
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    sixteen_bit = np.asarray(gt_image["ids"], dtype=np.uint16)
+    bad = {"missing": None, "flipped": bytes(flipped)}
+    for name, content in bad.items():
+        path = str(tmp_path / f"{name}.png")
+        if content is not None:
+            with open(path, "wb") as f:
+                f.write(content)
+        assert ops.panoptic_png_file_pq_statistics(paths[0], path, *tables)[0] == 5, name
+    from PIL import Image
+    Image.fromarray(sixteen_bit).save(tmp_path / "gray16.png")
+    assert ops.panoptic_png_file_pq_statistics(paths[0], str(tmp_path / "gray16.png"), *tables)[0] == 5
+    Image.fromarray(id_map_to_rgb(np.pad(gt_image["ids"], ((0, 1), (0, 0))))).save(tmp_path / "taller.png")
+    assert ops.panoptic_png_file_pq_statistics(paths[0], str(tmp_path / "taller.png"), *tables)[0] == 5
+
+
+@needs_file_statistics
+def test_file_statistics_on_corrupted_bytes_is_not_handled_or_agrees(tmp_path):
+    """Random byte flips and truncations of a valid prediction PNG: the C++ reader either leaves the file to the
+    Python path (5) or gives the statistics the Python path gives for the same bytes."""
+    rng = np.random.default_rng(11)
+    gt_image, pred_image = random_pair(rng, 0, height=20, width=24)
+    paths, gt_table, pred_table, num_categories = _pngs_and_tables(tmp_path, gt_image, pred_image)
+    tables = (gt_table.packed(True), pred_table.packed(False), torch.from_numpy(gt_table.crowd_of_category),
+              num_categories)
+    data = open(paths[1], "rb").read()
+    corrupt_path = str(tmp_path / "corrupt.png")
+    for trial in range(60):
+        corrupt = bytearray(data)
+        if trial % 3 == 0:
+            corrupt = corrupt[:int(rng.integers(0, len(data)))]
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                corrupt[int(rng.integers(0, len(corrupt)))] ^= int(rng.integers(1, 256))
+        with open(corrupt_path, "wb") as f:
+            f.write(corrupt)
+        problem, *ours = ops.panoptic_png_file_pq_statistics(paths[0], corrupt_path, *tables)
+        if problem == 5:
+            continue
+        try:
+            expected = match_segments(file_pair_counts(paths[0], corrupt_path), gt_table, pred_table,
+                                      num_categories, 0)
+        except (PanopticFormatError, ValueError, OSError) as exc:
+            assert problem in (1, 2, 3, 4), (problem, exc)
+            continue
+        assert problem == 0
+        for a, b in zip(ours, (expected.category, expected.iou, expected.tp, expected.fp, expected.fn)):
+            assert np.array_equal(a.numpy(), b)

@@ -357,9 +357,19 @@ def pair_counts(gt_ids, pred_ids, image_id=None) -> Tuple[np.ndarray, np.ndarray
 def file_statistics(gt_path: str, pred_path: str, gt: SegmentTable, pred: SegmentTable, num_categories: int,
                     image_id=None) -> ImageStatistics:
     """One image's PQ statistics from its gt and predicted PNG files and segment tables: ``match_segments`` of
-    ``file_pair_counts``, computed in one C++ call (``ops.panoptic_png_pq_statistics``) for 8-bit RGB/RGBA PNGs
-    when the kernel is compiled. A PNG that disagrees with its table goes through the numpy path, which raises
-    the error naming the image and the segment."""
+    ``file_pair_counts``, computed in one GIL-free C++ call for 8-bit RGB/RGBA PNGs when the kernel is compiled
+    (``ops.panoptic_png_file_pq_statistics``, which also reads and inflates when libdeflate is found; else
+    ``ops.panoptic_png_pq_statistics`` after parsing and inflating in Python). A PNG that disagrees with its
+    table goes through the numpy path, which raises the error naming the image and the segment; files the C++
+    reader leaves alone (missing, corrupt, other PNG kinds) go through the Python reader, which reports them."""
+    if ops.file_pq_statistics_available():
+        problem, category, iou, tp, fp, fn = ops.panoptic_png_file_pq_statistics(
+            gt_path, pred_path, gt.packed(True), pred.packed(False), torch.from_numpy(gt.crowd_of_category),
+            num_categories)
+        if problem == 0:
+            return ImageStatistics(category.numpy(), iou.numpy(), tp.numpy(), fp.numpy(), fn.numpy())
+        if problem != ops.panoptic_png._NOT_HANDLED:
+            return match_segments(file_pair_counts(gt_path, pred_path, image_id), gt, pred, num_categories, image_id)
     if _extension.use_compiled("panoptic_png_pq_statistics"):
         gt_data, pred_data = _read_bytes(gt_path, image_id), _read_bytes(pred_path, image_id)
         try:

@@ -133,7 +133,10 @@ def _two_ranks(out_dir, fault):
             break
     messages = [(out_dir / f"rank{r}.txt").read_text() if (out_dir / f"rank{r}.txt").exists() else outputs[r]
                 for r in range(2)]
-    return [p.returncode for p in ranks], messages
+    codes = [p.returncode for p in ranks]
+    if codes[0] != codes[1]:  # the ranks' own output says why one of them ended differently
+        messages += [f"rank {r} output (exit status {codes[r]}):\n{outputs[r][-3000:]}" for r in range(2)]
+    return codes, messages
 
 
 def test_nan_on_one_rank_stops_both_ranks_together(tmp_path):

@@ -104,5 +104,9 @@ def average_across_ranks(values: Dict[str, float], device: torch.device) -> Dict
 
 
 def cleanup_distributed() -> None:
+    """Ends the process group after a run that every rank completed. The barrier first: gloo aborts a process
+    (``terminate called without an active exception``) when its peer tears down a connection it is still using,
+    which happened when one rank reached the teardown while the other was finishing its last collective."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -235,6 +235,17 @@ class Trainer:
 
     def train(self) -> Dict[str, float]:
         """Run from ``start_iter`` to ``max_iter``; returns the final evaluation results (rank 0)."""
+        self._iteration = self.start_iter
+        try:
+            return self._train()
+        except RuntimeError as error:
+            # A killed loader worker is reported by the DataLoader's SIGCHLD handler, which raises in whatever
+            # code runs at that moment (logging, the forward), not only in next(stream): say where it happened.
+            if str(error).startswith("DataLoader worker"):
+                raise RuntimeError(f"loading the batch of iteration {self._iteration} failed: {error}") from error
+            raise
+
+    def _train(self) -> Dict[str, float]:
         ctx = self.ctx
         writer = MetricsWriter(self.out_dir, self.max_iter, self.log_period, ctx.device, enabled=ctx.is_main,
                                start_iter=self.start_iter, tensorboard=self.tensorboard)
@@ -259,6 +270,7 @@ class Trainer:
         ctx = self.ctx
         iter_start = time.perf_counter()
         for iteration in range(self.start_iter, self.max_iter):
+            self._iteration = iteration
             try:
                 images, image_sizes, targets = next(stream)
             except RuntimeError as error:  # e.g. a loader worker killed (out of memory): say where it happened

@@ -10,7 +10,8 @@ reference unfilter is an oracle for small images, far too slow for whole ones).
 
 ``panoptic_png_pair_counts(gt, pred)`` is panoptic quality's whole per-image inner loop: both PNGs inflated,
 unfiltered and their (gt, pred) segment pairs counted row by row, without either id map ever being written;
-``panoptic_png_pq_statistics`` goes on to match the segments, so pq_compute needs one kernel call per image.
+``panoptic_png_pq_statistics`` goes on to match the segments, and ``panoptic_png_file_pq_statistics`` does it all
+from the two files' paths (reading and inflating too), pq_compute's one kernel call per image.
 
 Inflated data goes into a buffer kept per thread and reused: a COCO-sized image inflates to about 1 MB, and
 filling fresh pages costs the kernel more page faults than the inflation itself costs zlib-ng.
@@ -254,7 +255,6 @@ def panoptic_png_pq_statistics(gt: PanopticPNG, pred: PanopticPNG, gt_segments: 
     return (int(problem), *stats)
 
 
-_NOT_HANDLED = 5  # panoptic_png_file_pq_statistics: these files are for the path that parses in Python
 _libdeflate_loaded: Optional[bool] = None
 
 
@@ -286,8 +286,8 @@ def panoptic_png_file_pq_statistics(gt_path: str, pred_path: str, gt_segments: T
 
     Returns:
         as :func:`panoptic_png_pq_statistics`, and ``problem`` 5 for files this path does not handle (unreadable,
-        not an 8-bit RGB/RGBA PNG, corrupt, of two sizes, or empty): :func:`parse_panoptic_png` and
-        :func:`panoptic_png_pq_statistics` then report or handle them.
+        not an 8-bit RGB/RGBA PNG, corrupt, of two sizes, or empty): the Python reader (:func:`parse_panoptic_png`,
+        PIL) then handles or reports them.
     """
     problem, *stats = torch.ops.eyecool.panoptic_png_file_pq_statistics(
         os.fspath(gt_path), os.fspath(pred_path), gt_segments, pred_segments, crowd_of_category, num_categories)

@@ -17,10 +17,10 @@ Per category, ``PQ = sum IoU / (TP + FP/2 + FN/2)``, ``SQ = sum IoU / TP``, ``RQ
 categories with no TP, FP or FN are left out of the averages; Things and Stuff average over ``isthing``.
 
 :func:`pq_compute` evaluates a folder of prediction PNGs (panopticapi's signature and return value): images
-are processed in parallel threads, and each gt / prediction PNG pair is unfiltered, pair-counted and matched in
-one C++ call with the GIL released, without either id map being written (``ops.panoptic_png_pq_statistics``,
-whose matching is :func:`match_segments` in C++). :class:`eyecool.evaluation.PanopticEvaluator` uses
-:func:`match_segments` on id maps in memory.
+are processed in parallel threads, and each gt / prediction PNG pair is read, inflated, unfiltered, pair-counted
+and matched in one C++ call with the GIL released, without either id map being written
+(``ops.panoptic_png_file_pq_statistics``, whose matching is :func:`match_segments` in C++).
+:class:`eyecool.evaluation.PanopticEvaluator` uses :func:`match_segments` on id maps in memory.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import numpy as np
 import PIL.Image as Image
 import torch
 
-from eyecool_ext import _extension, ops
+from eyecool_ext import ops
 
 VOID = 0
 # Result keys of the JSON summary (x100), as detectron2 and the ecosystem report them.
@@ -357,36 +357,17 @@ def pair_counts(gt_ids, pred_ids, image_id=None) -> Tuple[np.ndarray, np.ndarray
 def file_statistics(gt_path: str, pred_path: str, gt: SegmentTable, pred: SegmentTable, num_categories: int,
                     image_id=None) -> ImageStatistics:
     """One image's PQ statistics from its gt and predicted PNG files and segment tables: ``match_segments`` of
-    ``file_pair_counts``, computed in one GIL-free C++ call for 8-bit RGB/RGBA PNGs when the kernel is compiled
-    (``ops.panoptic_png_file_pq_statistics``, which also reads and inflates when libdeflate is found; else
-    ``ops.panoptic_png_pq_statistics`` after parsing and inflating in Python). A PNG that disagrees with its
-    table goes through the numpy path, which raises the error naming the image and the segment; files the C++
-    reader leaves alone (missing, corrupt, other PNG kinds) go through the Python reader, which reports them."""
+    ``file_pair_counts``, computed in one GIL-free C++ call when the kernel is compiled and libdeflate is found
+    (``ops.panoptic_png_file_pq_statistics``: reading, chunk CRCs, inflation, pair counts and matching). Otherwise,
+    and for what that call leaves alone (missing, corrupt or other kinds of PNG, two sizes) or finds inconsistent
+    (a PNG that disagrees with its table), the Python reader and the numpy rules run, which also raise the errors
+    naming the image and the segment."""
     if ops.file_pq_statistics_available():
         problem, category, iou, tp, fp, fn = ops.panoptic_png_file_pq_statistics(
             gt_path, pred_path, gt.packed(True), pred.packed(False), torch.from_numpy(gt.crowd_of_category),
             num_categories)
         if problem == 0:
             return ImageStatistics(category.numpy(), iou.numpy(), tp.numpy(), fp.numpy(), fn.numpy())
-        if problem != ops.panoptic_png._NOT_HANDLED:
-            return match_segments(file_pair_counts(gt_path, pred_path, image_id), gt, pred, num_categories, image_id)
-    if _extension.use_compiled("panoptic_png_pq_statistics"):
-        gt_data, pred_data = _read_bytes(gt_path, image_id), _read_bytes(pred_path, image_id)
-        try:
-            gt_png, pred_png = ops.parse_panoptic_png(gt_data), ops.parse_panoptic_png(pred_data)
-        except ops.UnsupportedPNG:
-            gt_png = pred_png = None
-        if gt_png is not None:
-            if (gt_png.height, gt_png.width) != (pred_png.height, pred_png.width):
-                raise _size_mismatch(image_id, (pred_png.width, pred_png.height), (gt_png.width, gt_png.height))
-            try:
-                problem, category, iou, tp, fp, fn = ops.panoptic_png_pq_statistics(
-                    gt_png, pred_png, gt.packed(True), pred.packed(False), torch.from_numpy(gt.crowd_of_category),
-                    num_categories)
-            except ops.UnsupportedPNG:
-                problem = -1
-            if problem == 0:
-                return ImageStatistics(category.numpy(), iou.numpy(), tp.numpy(), fp.numpy(), fn.numpy())
     return match_segments(file_pair_counts(gt_path, pred_path, image_id), gt, pred, num_categories, image_id)
 
 

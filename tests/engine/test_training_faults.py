@@ -102,11 +102,51 @@ def test_dataloader_worker_killed_mid_epoch_is_a_clear_error(tmp_path):
     previous = signal.signal(signal.SIGALRM, timeout)
     signal.alarm(60)
     try:
-        with pytest.raises(RuntimeError, match=r"loading the batch of iteration \d+ failed: DataLoader worker"):
+        with pytest.raises(RuntimeError, match=r"loading the batch of iteration \d+ failed: DataLoader worker") as caught:
             trainer.train()
+        # The trainer shut the loader down: its SIGCHLD handler no longer watches the dead worker, so a later
+        # SIGCHLD (here sent by hand; in a real process, any subprocess exiting) raises nothing, even while the
+        # traceback (held in `caught`) keeps the loader's iterator alive.
+        os.kill(os.getpid(), signal.SIGCHLD)
+        for _ in range(100):  # the handler runs between bytecodes, on the way through this loop
+            pass
+        assert caught.value.__traceback__ is not None
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class _ClosableStream:
+    """Batches from ``batches``, then the error a dying worker's fd sharer gives while a batch is received."""
+
+    def __init__(self, batches, error):
+        self.batches, self.error, self.closed = iter(batches), error, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.batches)
+        except StopIteration:
+            raise self.error from None
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("error", [EOFError(), ConnectionResetError(104, "Connection reset by peer")])
+def test_lost_worker_connection_names_the_iteration_and_closes_the_stream(tmp_path, error):
+    """A worker killed after queueing a batch, before this process fetched the batch's shared memory, shows up as
+    EOFError or a connection error from next(stream) (seen in CI), usually before the SIGCHLD handler runs."""
+    trainer = make_toy_trainer(str(tmp_path), max_iter=10, batch_size=4)
+    batches = [batch for batch, _ in zip(trainer.stream_factory(0), range(3))]
+    stream = _ClosableStream(batches, error)
+    trainer.stream_factory = lambda start: stream
+    with pytest.raises(RuntimeError, match=r"loading the batch of iteration 3 failed: DataLoader worker connection "
+                                           rf"lost while receiving the batch \({type(error).__name__}"):
+        trainer.train()
+    assert stream.closed
 
 
 def _free_port():

@@ -93,6 +93,22 @@ def build_training_stream(dataset: Dataset, batch_size: int, collate_fn: Callabl
     return iter(loader)
 
 
+def close_training_stream(stream: Iterator[Any]) -> None:
+    """Stops the loader workers behind a stream from ``build_training_stream`` now (a generator is closed).
+
+    Why not leave it to garbage collection: while the DataLoader iterator lives, its SIGCHLD handler checks the
+    worker pids it registered on every SIGCHLD the process receives, and raises "DataLoader worker ... is killed"
+    for a dead one in whatever code runs at that moment. After a failed run, the traceback keeps the iterator
+    alive, so a worker that died would make an unrelated later SIGCHLD (a subprocess exiting) raise. The shutdown
+    unregisters the pids; it can itself raise that error once, when a worker died (the caller reports it).
+    """
+    shutdown = getattr(stream, "_shutdown_workers", None)  # torch's _MultiProcessingDataLoaderIter
+    if shutdown is not None:
+        shutdown()
+    elif hasattr(stream, "close"):
+        stream.close()
+
+
 class ShardSampler(Sampler):
     """Indices ``rank, rank + N, ...`` in order, without the padding DistributedSampler adds: for evaluation,
     where every image must be seen exactly once over all ranks."""

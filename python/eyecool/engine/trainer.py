@@ -23,6 +23,7 @@ from .checkpoint import (CheckpointError, capture_rng_state, checkpoint_name, lo
                          load_state_dict_checked, restore_rng_state, resume_candidates, save_checkpoint)
 from .distributed import DistributedContext
 from .events import LOGGER_NAME, MetricsWriter
+from .sampling import close_training_stream
 
 logger = logging.getLogger(LOGGER_NAME + ".engine")
 
@@ -259,8 +260,11 @@ class Trainer:
         logger.info(f"training from iteration {self.start_iter} to {self.max_iter} on {ctx.world_size} "
                     f"process(es), device {ctx.device}")
         try:
-            with _StopRequest() as stop:
-                self._loop(stream, writer, params, autocast, stop)
+            try:
+                with _StopRequest() as stop:
+                    self._loop(stream, writer, params, autocast, stop)
+            finally:
+                close_training_stream(stream)
             self.save("model_final.pth", self.max_iter - 1)
             return self.run_evaluation(writer, self.max_iter - 1, final=True)
         finally:
@@ -275,6 +279,14 @@ class Trainer:
                 images, image_sizes, targets = next(stream)
             except RuntimeError as error:  # e.g. a loader worker killed (out of memory): say where it happened
                 raise RuntimeError(f"loading the batch of iteration {iteration} failed: {error}") from error
+            except (EOFError, ConnectionError) as error:
+                # A worker that dies after queueing a batch, before this process fetched the batch's shared
+                # memory from it, shows up here (the connection to its fd sharer closes), usually before the
+                # SIGCHLD handler has reported the death.
+                raise RuntimeError(f"loading the batch of iteration {iteration} failed: DataLoader worker "
+                                   f"connection lost while receiving the batch ({type(error).__name__}: {error}); "
+                                   "a loader worker process died (killed, e.g. by the out-of-memory killer?)"
+                                   ) from error
             data_time = time.perf_counter() - iter_start
             images = move_to_device(images, ctx.device)
             targets = move_to_device(targets, ctx.device)

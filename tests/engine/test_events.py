@@ -54,3 +54,29 @@ def test_training_with_tensorboard_logs_every_iteration(tmp_path):
     logged = [row["total_loss"] for row in read_metrics(str(tmp_path / "metrics.json")) if "total_loss" in row]
     assert [e.step for e in events.Scalars("total_loss")] == [0, 1, 2]
     assert [e.value for e in events.Scalars("total_loss")] == pytest.approx(logged)
+
+
+def test_console_log_follows_the_current_stdout(tmp_path):
+    """The console handler writes to sys.stdout as it is at each record: a stream replaced (and closed) after
+    set-up, as pytest's capture or redirect_stdout do, must not turn later records into logging errors."""
+    import contextlib
+    import io
+    import logging
+
+    from eyecool.engine.events import LOGGER_NAME, setup_logging
+
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(first):
+            logger = setup_logging(str(tmp_path))
+            logger.info("one")
+        first.close()
+        with contextlib.redirect_stdout(second):
+            logger.info("two")
+        assert second.getvalue().endswith("two\n")
+        with open(tmp_path / "log.txt") as log:
+            assert [line.split(": ", 1)[1] for line in log.read().splitlines()] == ["one", "two"]
+    finally:
+        for handler in list(logging.getLogger(LOGGER_NAME).handlers):
+            logging.getLogger(LOGGER_NAME).removeHandler(handler)
+            handler.close()

@@ -31,6 +31,19 @@ METRICS_FILE = "metrics.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
+class _CurrentStdoutHandler(logging.StreamHandler):
+    """A console handler that writes to ``sys.stdout`` as it is when a record is emitted, not as it was when the
+    handler was made: under pytest's capture or ``contextlib.redirect_stdout`` the stream of the moment of
+    set-up is closed or gone later, and every later record would fail with "I/O operation on closed file"."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+
 def setup_logging(out_dir: Optional[str] = None, rank: int = 0) -> logging.Logger:
     """The ``eyecool`` logger: INFO to stdout (and ``out_dir/log.txt``) on rank 0, warnings only elsewhere, so
     N processes do not print N copies of every line."""
@@ -41,7 +54,7 @@ def setup_logging(out_dir: Optional[str] = None, rank: int = 0) -> logging.Logge
         logger.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
+    console = _CurrentStdoutHandler()
     console.setFormatter(formatter)
     logger.addHandler(console)
     if out_dir is not None and rank == 0:

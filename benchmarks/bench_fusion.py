@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import markdown_table, measure, row  # noqa: E402
+from timing import markdown_table, measure, measure_paired, row  # noqa: E402
 
 from eyecool_ext import ops, reference  # noqa: E402
 
@@ -49,17 +49,19 @@ def cases(device: str = "cpu"):
     sem = torch.randn(2, NUM_CLASSES, 128, 128, device=device, requires_grad=True)
     levels = [torch.randn(2, 3, s, s, device=device, requires_grad=True) for s in (128, 64, 32, 16, 8)]
     grads = [torch.randn_like(level) for level in levels]
-    # More runs than the default: a few ms per run on a 2-core machine, where one descheduled thread shows.
+    # More runs than the default (a few ms per run on a 2-core machine, where one descheduled thread shows), and
+    # the two sides in alternation, so that both meet the same moments of the machine.
     steps = dict(warmup=3, repeat=15)
     for mode in ("logit", "prob"):
-        rows.append(row("fg_fusion", f"2x133x128x128, 5 levels, {mode}, fwd+bwd", device, "float32",
-                        measure(_fusion_step(ops.fg_fusion, sem, levels, grads, mode), device, **steps),
-                        "PyTorch composition", measure(_fusion_step(reference.fg_fusion, sem, levels, grads, mode),
-                                                       device, **steps)))
+        ours, peer = measure_paired(_fusion_step(ops.fg_fusion, sem, levels, grads, mode),
+                                    _fusion_step(reference.fg_fusion, sem, levels, grads, mode), device, **steps)
+        rows.append(row("fg_fusion", f"2x133x128x128, 5 levels, {mode}, fwd+bwd", device, "float32", ours,
+                        "PyTorch composition", peer))
     with torch.no_grad():
-        rows.append(row("fg_fusion", "2x133x128x128, 5 levels, logit, fwd", device, "float32",
-                        measure(lambda: ops.fg_fusion(sem, levels, NUM_STUFF), device, **steps), "PyTorch composition",
-                        measure(lambda: reference.fg_fusion(sem, levels, NUM_STUFF), device, **steps)))
+        ours, peer = measure_paired(lambda: ops.fg_fusion(sem, levels, NUM_STUFF),
+                                    lambda: reference.fg_fusion(sem, levels, NUM_STUFF), device, **steps)
+        rows.append(row("fg_fusion", "2x133x128x128, 5 levels, logit, fwd", device, "float32", ours,
+                        "PyTorch composition", peer))
 
     boxes, classes, masks = instances(40, 512, device)
     full = torch.randn(NUM_CLASSES, 512, 512, device=device)

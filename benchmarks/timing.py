@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,34 @@ def measure(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repe
         if time.perf_counter() - start_all > max_seconds:
             break
     return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
+
+
+def measure_paired(ours: Callable[[], object], peer: Callable[[], object], device: str = "cpu", warmup: int = 3,
+                   repeat: int = 15, max_seconds: float = 40.0) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Times two callables in alternation (ours, peer, ours, peer, ...) after ``warmup`` runs of each; returns
+    ``(ours_stats, peer_stats)`` like ``measure``.
+
+    For a short op on a small machine, the state of the moment (a descheduled thread, the allocator's heap, the
+    caches another process flushed) moves a median by tens of percent; alternating exposes both sides to the
+    same moments, so their ratio is steadier than from two blocks of runs one after the other.
+    """
+    for _ in range(warmup):
+        ours()
+        peer()
+    _sync(device)
+    times: Tuple[List[float], List[float]] = ([], [])
+    start_all = time.perf_counter()
+    for _ in range(repeat):
+        for fn, out in ((ours, times[0]), (peer, times[1])):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start_all > max_seconds:
+            break
+    stats = tuple({"median_ms": statistics.median(t), "min_ms": min(t), "runs": len(t)} for t in times)
+    return stats[0], stats[1]
 
 
 def row(op: str, case: str, device: str, dtype: str, ours: Dict[str, float], peer: str,

@@ -59,30 +59,44 @@ EYECOOL_HD float exp_nonpositive(float x) {
 
 EYECOOL_HD double exp_nonpositive(double x) { return exp(x); }
 
-// Softmax statistics of one pixel in two passes over the channels: the max first (a compare per channel), then
-// the sums of exp(x - max) over all channels and over the thing channels (one exp per channel). Cheaper than an
-// online softmax, which needs a rescale and three selects per channel, and the row of logits that the CPU kernel
-// works on stays in cache between the passes. Both devices add the terms in channel order.
+// Softmax statistics of one pixel in one pass over the channels (online softmax), with one exp per channel:
+// when a channel raises the max, the sums so far are rescaled by exp(old max - x) and the channel adds exp(0) = 1;
+// otherwise the channel adds exp(x - max). Either way the exp is of -|x - max|, so one exp serves both branches
+// and the kernels read each logit once. The result is the softmax's max (exactly), and its sums up to the
+// rounding of a few rescales (one per new max). Both devices add the channels in order.
 template <typename T>
 struct ThingSoftmaxSum {
   T max, total, things;
 };
 
+// The statistics of channel 0 alone.
 template <typename T>
-EYECOOL_HD T softmax_max_update(T max, T x) {
-  return x > max ? x : max;
+EYECOOL_HD ThingSoftmaxSum<T> thing_softmax_start(T x, bool is_thing) {
+  return {x, T(1), is_thing ? T(1) : T(0)};
 }
 
-// exp(x - max), the unnormalised softmax term of a channel.
+template <typename T>
+EYECOOL_HD void thing_softmax_update(ThingSoftmaxSum<T>& s, T x, bool is_thing) {
+  const T d = x - s.max;
+  const bool new_max = d > T(0);
+  const T term = exp_nonpositive(new_max ? -d : d);  // NaN (x or max NaN, inf - inf) stays NaN
+  const T thing = is_thing ? T(1) : T(0);
+  s.total = new_max ? s.total * term + T(1) : s.total + term;
+  s.things = new_max ? s.things * term + thing : s.things + thing * term;
+  s.max = new_max ? x : s.max;
+}
+
+// After the last channel: an infinite max makes the softmax NaN (x - max is inf - inf for its channel), as in
+// torch.softmax; the online sums would have kept it finite. `max - max` is 0 for a finite max and NaN otherwise.
+template <typename T>
+EYECOOL_HD void thing_softmax_finish(ThingSoftmaxSum<T>& s) {
+  s.total *= s.max - s.max + T(1);
+}
+
+// exp(x - max), the unnormalised softmax term of a channel (the backward's, with the forward's max).
 template <typename T>
 EYECOOL_HD T softmax_term(T x, T max) {
   return exp_nonpositive(x - max);
-}
-
-template <typename T>
-EYECOOL_HD void thing_softmax_accumulate(ThingSoftmaxSum<T>& s, T term, bool is_thing) {
-  s.total += term;
-  if (is_thing) s.things += term;
 }
 
 template <typename T>

@@ -29,12 +29,12 @@ __global__ void statistics_kernel(int64_t pixels, const scalar_t* __restrict__ s
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pixels; p += (int64_t)blockDim.x * gridDim.x) {
     const int64_t n = p / plane, q = p % plane;
     const scalar_t* base = sem + n * channels * plane + q;
-    ThingSoftmaxSum<acc_t> s{static_cast<acc_t>(base[0]), acc_t(0), acc_t(0)};
-    for (int64_t c = 1; c < channels; ++c) s.max = softmax_max_update<acc_t>(s.max, static_cast<acc_t>(base[c * plane]));
-    for (int64_t c = 0; c < channels; ++c) {
-      thing_softmax_accumulate<acc_t>(s, softmax_term<acc_t>(static_cast<acc_t>(base[c * plane]), s.max),
-                                      c >= num_stuff);
+    // One read of each logit (online softmax): neighbouring threads read neighbouring pixels of one channel.
+    ThingSoftmaxSum<acc_t> s = thing_softmax_start<acc_t>(static_cast<acc_t>(base[0]), 0 >= num_stuff);
+    for (int64_t c = 1; c < channels; ++c) {
+      thing_softmax_update<acc_t>(s, static_cast<acc_t>(base[c * plane]), c >= num_stuff);
     }
+    thing_softmax_finish(s);
     fg[p] = thing_softmax_fg(s);
     max_out[p] = s.max;
     total_out[p] = s.total;

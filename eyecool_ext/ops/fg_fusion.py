@@ -65,6 +65,8 @@ if _extension.has_op("fg_fusion"):
         sem_logits, rpn_logits, num_stuff, mode = inputs
         _, softmax_stats = output
         ctx.mark_non_differentiable(softmax_stats)
+        # No zero-filled gradient for softmax_stats (the backward ignores it); an unused level's is made below.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(sem_logits, softmax_stats, *rpn_logits)
         ctx.num_stuff = num_stuff
         ctx.mode = mode

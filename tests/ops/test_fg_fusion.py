@@ -68,6 +68,27 @@ def test_extreme_logits_stay_finite(device):
     assert_close(out, composition(sem, [level], 2, "logit")[0])
 
 
+@needs_compiled
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ["rising", "falling", "random"])
+def test_softmax_statistics_output(device, order):
+    """The op's second output is each pixel's (max, sum of exp(x - max), fg), computed by an online softmax; logits
+    that rise with the channel make it rescale its sums at every channel (the worst case for its rounding)."""
+    channels = 133
+    ramp = torch.linspace(-20, 20, channels, device=device)[:, None, None]
+    noise = torch.randn(2, channels, 6, 20, device=device) * 0.1
+    sem = {"rising": ramp + noise, "falling": -ramp + noise, "random": noise * 40}[order]
+    level = torch.randn(2, 3, 3, 10, device=device)
+    _, stats = torch.ops.eyecool.fg_fusion(sem, [level], 53, "logit")
+    assert stats.shape == (3, 2, 6, 20) and stats.dtype == torch.float32
+    sem64 = sem.double()
+    top = sem64.amax(dim=1)
+    expected_fg = torch.softmax(sem64, dim=1)[:, 53:].sum(dim=1)
+    assert torch.equal(stats[0], sem.amax(dim=1))  # the max is exact
+    assert_close(stats[1].double(), torch.exp(sem64 - top[:, None]).sum(dim=1), atol=0, rtol=2e-6)
+    assert_close(stats[2].double(), expected_fg, atol=1e-6, rtol=2e-6)
+
+
 def test_reference_is_the_composition():
     sem, levels = inputs("cpu", torch.float64)
     for mode in ("logit", "prob"):

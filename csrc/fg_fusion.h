@@ -25,10 +25,12 @@ using std::exp;
 #endif
 
 // exp(x) for the x <= 0 of the softmax (x - max). On the GPU it is the CUDA library's exp. On the host, float
-// uses a branch-free polynomial (Cephes' expf: range reduction by ln 2, degree-6 polynomial, relative error
-// below 2e-7) because the library's expf is a call that the compiler cannot vectorise without -ffast-math, and
-// the softmax loops are bound by it. Inputs below -87.3 (where expf turns denormal), -inf included, return 0; NaN
-// stays NaN. Positive inputs are outside the contract (no clamp: its compare and blend would cost every call).
+// uses a branch-free polynomial, because the library's expf is a call that the compiler cannot vectorise without
+// -ffast-math and the softmax loops are bound by it: range reduction by ln 2 as in Cephes' expf, then
+// 1 + r + r^2 q(r) with q of degree 4 fitted for near-minimax relative error on [-ln2/2, ln2/2] (one multiply-add
+// less than Cephes' degree 5). Checked on every float in [-87.3, 0]: relative error below 9e-8, with or without
+// FMA contraction. Inputs below -87.3 (where expf turns denormal), -inf included, return 0; NaN stays NaN.
+// Positive inputs are outside the contract (no clamp: its compare and blend would cost every call).
 EYECOOL_HD float exp_nonpositive(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
@@ -40,12 +42,11 @@ EYECOOL_HD float exp_nonpositive(float x) {
   const float t = x * 1.44269504088896341f + shifter;
   const float n = t - shifter;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = 1.3814610429e-3f;
+  p = p * r + 8.3687100559e-3f;
+  p = p * r + 4.1668388993e-2f;
+  p = p * r + 1.6666521132e-1f;
+  p = p * r + 4.9999994040e-1f;
   p = p * (r * r) + r + 1.f;
   int32_t t_bits, shifter_bits;
   std::memcpy(&t_bits, &t, sizeof(t_bits));

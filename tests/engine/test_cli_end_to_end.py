@@ -81,3 +81,27 @@ def test_training_images_are_normalised(tmp_path):
     image = build_dataset(cfg, "train")[0]["image"]
     assert image.shape == (3, 64, 64) and image.dtype.is_floating_point
     assert image.min() < -0.5  # (x / 255 - mean) / std, not 0..1
+
+
+@pytest.mark.slow
+def test_train_and_eval_under_torchrun(tmp_path):
+    """`eyecool train` and `eyecool eval` as torchrun launches them (two CPU processes, gloo): both exit 0, with
+    no teardown abort from gloo, rank 0 writes the run's files, and the evaluation sees every val image once."""
+    data, out = tmp_path / "data", tmp_path / "train"
+    eyecool("synth", "--out", str(data), "--num-train", "4", "--num-val", "3", "--size", "64")
+    overrides = TINY + [f"data.root={data}", "solver.max_iter=2", "output.checkpoint_period=0", "eval.period=0"]
+    config = os.path.join(ROOT, "configs", "demo.yaml")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")] + sys.path),
+               OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "eyecool"]
+    for command in (["train", "--config", config, "--out", str(out)],
+                    ["eval", "--config", config, "--weights", str(out / "model_final.pth"), "--out",
+                     str(tmp_path / "eval")]):
+        result = subprocess.run(launcher + command + overrides, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "terminate called" not in result.stderr
+    assert (out / "model_final.pth").is_file() and (out / "metrics_eval.json").is_file()
+    predictions = json.loads((tmp_path / "eval" / "predictions" / "predictions.json").read_text())
+    assert sorted(a["image_id"] for a in predictions["annotations"]) == sorted(
+        image["id"] for image in json.loads((data / "annotations" / "panoptic_val.json").read_text())["images"])

@@ -84,13 +84,24 @@ def _train(args) -> int:
         cfg = _load(args.config, list(args.overrides) + [f"solver.ims_per_batch={args.ims_per_batch}",
                                                          f"solver.lr={lr}"])
     train(cfg, args.out, resume=args.resume)
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """After a completed run under torchrun: all ranks meet at a barrier, then the group is destroyed, rather
+    than each process tearing its connections down at exit while a peer may still be in its last collective
+    (the gloo abort ``cleanup_distributed`` describes). A failed run skips it and exits with its error."""
+    from eyecool.engine.distributed import cleanup_distributed
+
+    cleanup_distributed()
 
 
 def _eval(args) -> int:
     from eyecool.engine.api import evaluate
 
     results = evaluate(_load(args.config, args.overrides), args.weights, out_dir=args.out)
+    _end_process_group()
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
     return 0
 

@@ -25,13 +25,22 @@ def measure(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repe
     times: List[float] = []
     start_all = time.perf_counter()
     for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append(_time_once(fn, device))
         if time.perf_counter() - start_all > max_seconds:
             break
+    return _stats(times)
+
+
+def _time_once(fn: Callable[[], object], device: str) -> float:
+    """One run of ``fn`` in milliseconds, device work included."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _stats(times: List[float]) -> Dict[str, float]:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
 
 
@@ -51,16 +60,11 @@ def measure_paired(ours: Callable[[], object], peer: Callable[[], object], devic
     times: Tuple[List[float], List[float]] = ([], [])
     start_all = time.perf_counter()
     for _ in range(repeat):
-        for fn, out in ((ours, times[0]), (peer, times[1])):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            out.append((time.perf_counter() - t0) * 1e3)
+        times[0].append(_time_once(ours, device))
+        times[1].append(_time_once(peer, device))
         if time.perf_counter() - start_all > max_seconds:
             break
-    stats = tuple({"median_ms": statistics.median(t), "min_ms": min(t), "runs": len(t)} for t in times)
-    return stats[0], stats[1]
+    return _stats(times[0]), _stats(times[1])
 
 
 def row(op: str, case: str, device: str, dtype: str, ours: Dict[str, float], peer: str,

@@ -59,6 +59,22 @@ constexpr int64_t kPrefetchChannels = 1;
 template <typename scalar_t>
 constexpr int64_t kLineElements = 64 / static_cast<int64_t>(sizeof(scalar_t));
 
+// body(x) for every pixel x of a band row, vectorised, calling prefetch(x0) once per cache line of scalar_t
+// pixels starting at x0 (the tail shorter than a line gets no prefetch).
+template <typename scalar_t, typename Prefetch, typename Body>
+__attribute__((always_inline)) inline void for_each_pixel_prefetching(int64_t pixels, Prefetch prefetch,
+                                                                      Body body) {
+  constexpr int64_t line = kLineElements<scalar_t>;
+  const int64_t full_lines = pixels - pixels % line;
+  for (int64_t x0 = 0; x0 < full_lines; x0 += line) {
+    prefetch(x0);
+#pragma omp simd
+    for (int64_t x = x0; x < x0 + line; ++x) body(x);
+  }
+#pragma omp simd
+  for (int64_t x = full_lines; x < pixels; ++x) body(x);
+}
+
 // Softmax statistics of a band of pixels (base points at channel 0 of the band; channels are `plane` apart):
 // channel loop outside, pixel loop inside, the running max, total and thing sum of each pixel kept in the output
 // rows (a few KB, in L1), which end up holding max, total and fg. One read of each logit: the channel rows lie a
@@ -78,8 +94,6 @@ __attribute__((always_inline)) inline void band_statistics_body(const scalar_t* 
       fg[x] = s.things;  // the running thing sum until the end
     }
   }
-  constexpr int64_t line = kLineElements<scalar_t>;
-  const int64_t full_lines = pixels - pixels % line;
   // Channels four at a time: each pixel's running statistics are loaded and stored once per four channels (the
   // same operations in the same order as one at a time, so the same bits).
   int64_t c = 1;
@@ -100,13 +114,10 @@ __attribute__((always_inline)) inline void band_statistics_body(const scalar_t* 
       total[x] = s.total;
       fg[x] = s.things;
     };
-    for (int64_t x0 = 0; x0 < full_lines; x0 += line) {
+    auto prefetch = [&](int64_t x0) __attribute__((always_inline)) {
       for (int64_t k = 0; k < 4; ++k) __builtin_prefetch(ahead0 + k * plane + x0);
-#pragma omp simd
-      for (int64_t x = x0; x < x0 + line; ++x) update(x);
-    }
-#pragma omp simd
-    for (int64_t x = full_lines; x < pixels; ++x) update(x);
+    };
+    for_each_pixel_prefetching<scalar_t>(pixels, prefetch, update);
   }
   for (; c < channels; ++c) {
     const bool is_thing = c >= num_stuff;
@@ -119,13 +130,8 @@ __attribute__((always_inline)) inline void band_statistics_body(const scalar_t* 
       total[x] = s.total;
       fg[x] = s.things;
     };
-    for (int64_t x0 = 0; x0 < full_lines; x0 += line) {
-      __builtin_prefetch(ahead_row + x0);
-#pragma omp simd
-      for (int64_t x = x0; x < x0 + line; ++x) update(x);
-    }
-#pragma omp simd
-    for (int64_t x = full_lines; x < pixels; ++x) update(x);
+    auto prefetch = [&](int64_t x0) __attribute__((always_inline)) { __builtin_prefetch(ahead_row + x0); };
+    for_each_pixel_prefetching<scalar_t>(pixels, prefetch, update);
   }
 #pragma omp simd
   for (int64_t x = 0; x < pixels; ++x) {
@@ -143,8 +149,6 @@ __attribute__((always_inline)) inline void band_gradient_body(const scalar_t* ba
                                                               int64_t pixels, const acc_t* max,
                                                               const acc_t* thing_coefficient,
                                                               const acc_t* stuff_coefficient) {
-  constexpr int64_t line = kLineElements<scalar_t>;
-  const int64_t full_lines = pixels - pixels % line;
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t* coefficient = c >= num_stuff ? thing_coefficient : stuff_coefficient;
     const scalar_t* src = base + c * plane;
@@ -153,13 +157,8 @@ __attribute__((always_inline)) inline void band_gradient_body(const scalar_t* ba
     auto gradient = [&](int64_t x) __attribute__((always_inline)) {
       dst[x] = static_cast<scalar_t>(thing_softmax_grad<acc_t>(static_cast<acc_t>(src[x]), max[x], coefficient[x]));
     };
-    for (int64_t x0 = 0; x0 < full_lines; x0 += line) {
-      __builtin_prefetch(ahead + x0);
-#pragma omp simd
-      for (int64_t x = x0; x < x0 + line; ++x) gradient(x);
-    }
-#pragma omp simd
-    for (int64_t x = full_lines; x < pixels; ++x) gradient(x);
+    auto prefetch = [&](int64_t x0) __attribute__((always_inline)) { __builtin_prefetch(ahead + x0); };
+    for_each_pixel_prefetching<scalar_t>(pixels, prefetch, gradient);
   }
 }
 

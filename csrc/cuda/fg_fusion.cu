@@ -1,6 +1,6 @@
-// RPN-FCN fusion on CUDA. One thread per pixel runs the softmax over the channels, the max then the sums
-// (coalesced: neighbouring threads read neighbouring pixels of the same channel), and writes only the pixel's
-// statistics (max, total, fg: the op's second output); one thread per output cell pools its bin from the fg map.
+// RPN-FCN fusion on CUDA. One thread per pixel runs the softmax over the channels in one pass (online, eight
+// channels at a time; coalesced: neighbouring threads read neighbouring pixels of the same channel), and writes
+// only the pixel's statistics (max, total, fg: the op's second output); one thread per output cell pools its bin from the fg map.
 // The backward reads those statistics, gathers d loss / d fg from every level's bins per pixel, and writes the
 // logits' gradient one element per thread (one exp each). No atomics: every output element has one writer, so
 // the results are deterministic. The arithmetic is fg_fusion.h's, the code the CPU tests exercise.
@@ -20,6 +20,8 @@ namespace eyecool {
 namespace {
 
 constexpr int kMaxLevels = 8;
+// Channels per step of the online softmax: that many independent loads and exps in flight per thread.
+constexpr int kFoldChannels = 8;
 
 // Per-pixel softmax statistics: max, total and fg, each [N, H, W].
 template <typename scalar_t, typename acc_t>
@@ -29,12 +31,20 @@ __global__ void statistics_kernel(int64_t pixels, const scalar_t* __restrict__ s
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pixels; p += (int64_t)blockDim.x * gridDim.x) {
     const int64_t n = p / plane, q = p % plane;
     const scalar_t* base = sem + n * channels * plane + q;
-    // One read of each logit (online softmax): neighbouring threads read neighbouring pixels of one channel.
-    ThingSoftmaxSum<acc_t> s = thing_softmax_start<acc_t>(static_cast<acc_t>(base[0]), 0 >= num_stuff);
-    for (int64_t c = 1; c < channels; ++c) {
-      thing_softmax_update<acc_t>(s, static_cast<acc_t>(base[c * plane]), c >= num_stuff);
+    // One read of each logit (online softmax, kFoldChannels channels at a time, then one at a time):
+    // neighbouring threads read neighbouring pixels of one channel.
+    ThingSoftmaxSum<acc_t> s = thing_softmax_empty<acc_t>();
+    int64_t c = 0;
+    for (; c + kFoldChannels <= channels; c += kFoldChannels) {
+      const int64_t first_thing = num_stuff - c;
+      thing_softmax_fold<kFoldChannels, acc_t>(
+          s, [&](int k) { return static_cast<acc_t>(base[(c + k) * plane]); },
+          static_cast<int>(first_thing < 0 ? 0 : (first_thing > kFoldChannels ? kFoldChannels : first_thing)));
     }
-    thing_softmax_finish(s);
+    for (; c < channels; ++c) {
+      thing_softmax_fold<1, acc_t>(s, [&](int) { return static_cast<acc_t>(base[c * plane]); },
+                                   c >= num_stuff ? 0 : 1);
+    }
     fg[p] = thing_softmax_fg(s);
     max_out[p] = s.max;
     total_out[p] = s.total;

@@ -68,6 +68,52 @@ def test_extreme_logits_stay_finite(device):
     assert_close(out, composition(sem, [level], 2, "logit")[0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_channel_count_and_stuff_split(device):
+    """The kernels fold the channels eight at a time, then four, two and one: every channel count up to 19
+    (every mix of those group sizes) with the stuff/thing boundary anywhere, inside a group included."""
+    torch.manual_seed(0)
+    for channels in range(1, 20):
+        sem = (torch.randn(2, channels, 4, 5, dtype=torch.float64, device=device) * 4).requires_grad_()
+        level = torch.randn(2, 2, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+        grad = torch.randn(2, 2, 3, 2, dtype=torch.float64, device=device)
+        for num_stuff in range(channels):
+            ours = ops.fg_fusion(sem, [level], num_stuff, "prob")[0]
+            expected = composition(sem, [level], num_stuff, "prob")[0]
+            assert_close(ours, expected)
+            for a, b in zip(torch.autograd.grad(ours, [sem, level], grad),
+                            torch.autograd.grad(expected, [sem, level], grad)):
+                assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_minus_infinite_logits(device):
+    """-inf logits (a class ruled out) are ordinary zeros of the softmax, also when a whole group of channels
+    that the kernels fold together is -inf at a pixel, or every channel but one; a pixel whose every logit is
+    -inf is NaN, as in torch.softmax."""
+    torch.manual_seed(0)
+    channels, num_stuff = 23, 11
+    sem = torch.randn(1, channels, 3, 4) * 3
+    sem[0, :10, 0, 0] = float("-inf")  # the first group and more
+    sem[0, 8:16, 0, 1] = float("-inf")  # exactly the second group (stuff and things)
+    sem[0, 1:, 0, 2] = float("-inf")  # all but channel 0
+    sem[0, :-1, 0, 3] = float("-inf")  # all but the last channel
+    sem[0, :, 1, 0] = float("-inf")  # all
+    sem[0, ::3, 2, :] = float("-inf")  # every third channel
+    sem = sem.to(device).requires_grad_()
+    level = torch.randn(1, 2, 3, 4, device=device, requires_grad=True)
+    ours = ops.fg_fusion(sem, [level], num_stuff)[0]
+    expected = composition(sem, [level], num_stuff, "logit")[0]
+    assert torch.isnan(ours[0, :, 1, 0]).all()
+    assert_close(ours, expected, equal_nan=True)
+    grad = torch.randn_like(ours)
+    ours_grad = torch.autograd.grad(ours, sem, grad)[0]
+    expected_grad = torch.autograd.grad(expected, sem, grad)[0]
+    finite = torch.ones_like(ours_grad, dtype=torch.bool)
+    finite[0, :, 1, 0] = False  # the all -inf pixel: NaN in both, through different products
+    assert_close(ours_grad[finite], expected_grad[finite])
+
+
 @needs_compiled
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("order", ["rising", "falling", "random"])

@@ -1,5 +1,6 @@
 // Every op's schema, in one place. Kernels register themselves per device at the end of the file that holds
-// them (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu); fake kernels and autograd formulas live in eyecool_ext/ops/.
+// them (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu); fake kernels and autograd formulas live in eyecool_ext/ops/,
+// except fg_fusion's autograd formula (csrc/fg_fusion_autograd.cpp: the Python one cost a quarter of its step).
 // Backward passes are ops of their own (eyecool::_<op>_backward) so that they get fake kernels too and work
 // under torch.compile.
 #include <torch/library.h>

@@ -212,6 +212,35 @@ def test_torch_compile_fullgraph():
     assert_close(grad, sem.grad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_through_some_levels_only(device):
+    """A loss that uses some of the fused levels: the others send no gradient into the op (undefined) and their
+    inputs get zeros; the rest matches the composition."""
+    sem, levels = inputs(device, torch.float64)
+    sem.requires_grad_()
+    levels = [lvl.requires_grad_() for lvl in levels]
+    ours = ops.fg_fusion(sem, levels, 3, "prob")
+    expected = composition(sem, levels, 3, "prob")
+    got = torch.autograd.grad(ours[1].sum() + ours[3].square().sum(), [sem, *levels])
+    want = torch.autograd.grad(expected[1].sum() + expected[3].square().sum(), [sem, *levels],
+                               materialize_grads=True)  # zeros for the levels 0 and 2, which it does not use
+    for a, b in zip(got, want):
+        assert_close(a, b)
+    assert not got[1].any() and not got[3].any()  # the unused levels 0 and 2
+
+
+@needs_compiled
+def test_double_backward_is_refused():
+    """The backward is not differentiable; asking for a second derivative says so instead of returning a wrong
+    one."""
+    sem, levels = inputs("cpu", torch.float64, channels=5)
+    sem.requires_grad_()
+    out = ops.fg_fusion(sem, levels, 2)
+    (grad,) = torch.autograd.grad(sum(o.sum() for o in out), sem, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grad.sum(), sem)
+
+
 def test_detached_semantics_get_no_gradient():
     sem, levels = inputs("cpu", torch.float32)
     sem.requires_grad_()

@@ -45,23 +45,32 @@ def _stats(times: List[float]) -> Dict[str, float]:
 
 
 def measure_paired(ours: Callable[[], object], peer: Callable[[], object], device: str = "cpu", warmup: int = 3,
-                   repeat: int = 15, max_seconds: float = 40.0) -> Tuple[Dict[str, float], Dict[str, float]]:
+                   repeat: int = 15, max_seconds: float = 40.0,
+                   before: Optional[Callable[[], object]] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Times two callables in alternation (ours, peer, ours, peer, ...) after ``warmup`` runs of each; returns
-    ``(ours_stats, peer_stats)`` like ``measure``.
+    ``(ours_stats, peer_stats)`` like ``measure``. ``before``, if given, runs untimed before every run of either
+    (e.g. dropping the previous run's gradients, so that neither side is timed freeing the other's memory).
 
     For a short op on a small machine, the state of the moment (a descheduled thread, the allocator's heap, the
     caches another process flushed) moves a median by tens of percent; alternating exposes both sides to the
     same moments, so their ratio is steadier than from two blocks of runs one after the other.
     """
+    def run(fn):
+        if before is not None:
+            before()
+        return _time_once(fn, device)
+
     for _ in range(warmup):
-        ours()
-        peer()
+        for fn in (ours, peer):
+            if before is not None:
+                before()
+            fn()
     _sync(device)
     times: Tuple[List[float], List[float]] = ([], [])
     start_all = time.perf_counter()
     for _ in range(repeat):
-        times[0].append(_time_once(ours, device))
-        times[1].append(_time_once(peer, device))
+        times[0].append(run(ours))
+        times[1].append(run(peer))
         if time.perf_counter() - start_all > max_seconds:
             break
     return _stats(times[0]), _stats(times[1])

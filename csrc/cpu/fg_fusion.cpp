@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -29,6 +30,10 @@
 #include "fg_fusion.h"
 
 #include "cpu/cpu_features.h"
+
+#if EYECOOL_X86
+#include <emmintrin.h>
+#endif
 
 #if EYECOOL_X86
 #define EYECOOL_TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -149,24 +154,56 @@ __attribute__((always_inline)) inline void band_statistics_body(const scalar_t* 
   for (int64_t x = 0; x < pixels; ++x) fg[x] = thing_softmax_fg(ThingSoftmaxSum<acc_t>{max[x], total[x], fg[x]});
 }
 
+// Copies `bytes` (a multiple of 64) from the 64-byte aligned `from` to the 16-byte aligned `to` with
+// non-temporal stores (SSE2, which every x86-64 CPU has; plain copies elsewhere).
+__attribute__((always_inline)) inline void stream_copy(void* to, const void* from, size_t bytes) {
+#if EYECOOL_X86
+  const __m128i* src = static_cast<const __m128i*>(from);
+  __m128i* dst = static_cast<__m128i*>(to);
+  for (size_t k = 0; k < bytes / 16; ++k) _mm_stream_si128(dst + k, _mm_load_si128(src + k));
+#else
+  std::memcpy(to, from, bytes);
+#endif
+}
+
 // d loss / d logits of a band of pixels: exp(x - max) times the pixel's thing or stuff coefficient.
+// The gradient (as large as the logits, written once, read by the next layer's backward) goes out with
+// non-temporal stores when its rows allow (16-byte aligned): computed a chunk of cache lines at a time into an
+// L1 buffer, then streamed, so that its lines are not first read from memory (write-allocate). The backward of a
+// cold 17 MB input: 1.35 -> 1.14 ms; with a consumer that then reads the gradient, 2.16 -> 2.06 ms.
 template <typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void band_gradient_body(const scalar_t* base, scalar_t* grad_base,
                                                               int64_t plane, int64_t channels, int64_t num_stuff,
                                                               int64_t pixels, const acc_t* max,
                                                               const acc_t* thing_coefficient,
                                                               const acc_t* stuff_coefficient) {
+  constexpr int64_t line = kLineElements<scalar_t>, chunk = line * kChunkLines;
+  alignas(64) scalar_t staged[chunk];
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t* coefficient = c >= num_stuff ? thing_coefficient : stuff_coefficient;
     const scalar_t* src = base + c * plane;
     const scalar_t* ahead = base + std::min(c + kPrefetchChannels, channels - 1) * plane;
     scalar_t* dst = grad_base + c * plane;
     auto gradient = [&](int64_t x) __attribute__((always_inline)) {
-      dst[x] = static_cast<scalar_t>(thing_softmax_grad<acc_t>(static_cast<acc_t>(src[x]), max[x], coefficient[x]));
+      return static_cast<scalar_t>(thing_softmax_grad<acc_t>(static_cast<acc_t>(src[x]), max[x], coefficient[x]));
     };
     auto prefetch = [&](int64_t x0) __attribute__((always_inline)) { __builtin_prefetch(ahead + x0); };
-    for_each_pixel_prefetching<scalar_t>(pixels, prefetch, gradient);
+    int64_t x0 = 0;
+    if (EYECOOL_X86 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+      for (; x0 + chunk <= pixels; x0 += chunk) {
+        for (int64_t k = 0; k < kChunkLines; ++k) prefetch(x0 + k * line);
+#pragma omp simd
+        for (int64_t i = 0; i < chunk; ++i) staged[i] = gradient(x0 + i);
+        stream_copy(dst + x0, staged, sizeof(staged));
+      }
+    }
+    for_each_pixel_prefetching<scalar_t>(
+        pixels - x0, [&](int64_t x) __attribute__((always_inline)) { prefetch(x0 + x); },
+        [&](int64_t x) __attribute__((always_inline)) { dst[x0 + x] = gradient(x0 + x); });
   }
+#if EYECOOL_X86
+  _mm_sfence();  // the streamed stores are weakly ordered: visible before the band is reported done
+#endif
 }
 
 // One anchor row of a level: out = gate(r) * fg_cell. prob_mode is hoisted out of the loop, which vectorises

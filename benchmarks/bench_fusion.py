@@ -66,7 +66,7 @@ def fusion_rows(device: str, heap: str = ""):
     grads = [torch.randn_like(level) for level in levels]
     # More runs than the default (a few ms per run on a 2-core machine, where one descheduled thread shows), and
     # the two sides in alternation, so that both meet the same moments of the machine.
-    steps = dict(warmup=3, repeat=15)
+    steps = dict(warmup=3, repeat=25)
     suffix = f", {heap}" if heap else ""
     for mode in ("logit", "prob"):
         # The previous run's gradients are dropped untimed: freed in a timed run, they would bill one side for

@@ -1,7 +1,7 @@
 // RPN-FCN fusion on the CPU.
 //
 // Both passes work on a band of image rows at a time (channels x ~1024 pixels), parallel over bands, with the
-// pixel loop innermost (contiguous, vectorised) and each channel's row prefetched one channel ahead.
+// pixel loop innermost (contiguous, vectorised) and the channel rows prefetched ahead of their turn.
 // Forward: an online softmax in one sweep over the band's channels, eight channels at a time (fg_fusion.h's
 // thing_softmax_fold), reading each logit once; only the per-pixel statistics are written (max, total, fg: the
 // op's second output), and the levels are pooled from fg.

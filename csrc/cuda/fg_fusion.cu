@@ -1,6 +1,7 @@
 // RPN-FCN fusion on CUDA. One thread per pixel runs the softmax over the channels in one pass (online, eight
 // channels at a time; coalesced: neighbouring threads read neighbouring pixels of the same channel), and writes
-// only the pixel's statistics (max, total, fg: the op's second output); one thread per output cell pools its bin from the fg map.
+// only the pixel's statistics (max, total, fg: the op's second output); one thread per output cell pools its bin
+// from the fg map.
 // The backward reads those statistics, gathers d loss / d fg from every level's bins per pixel, and writes the
 // logits' gradient one element per thread (one exp each). No atomics: every output element has one writer, so
 // the results are deterministic. The arithmetic is fg_fusion.h's, the code the CPU tests exercise.

@@ -87,6 +87,19 @@ def test_every_channel_count_and_stuff_split(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_rows_of_every_alignment(device, dtype):
+    """The CPU backward streams gradient rows that start 16-byte aligned and stores the others plainly: a 17x129
+    map puts channel planes and bands of rows at every alignment, each longer than a streamed chunk."""
+    sem, levels = inputs(device, dtype, sem_size=(17, 129), level_sizes=((17, 129), (5, 7)), channels=6)
+    sem.requires_grad_()
+    grads = [torch.randn_like(level) for level in levels]
+    ours = torch.autograd.grad(ops.fg_fusion(sem, levels, 2, "prob"), sem, grads)[0]
+    expected = torch.autograd.grad(composition(sem, levels, 2, "prob"), sem, grads)[0]
+    assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_minus_infinite_logits(device):
     """-inf logits (a class ruled out) are ordinary zeros of the softmax, also when a whole group of channels
     that the kernels fold together is -inf at a pixel, or every channel but one; a pixel whose every logit is

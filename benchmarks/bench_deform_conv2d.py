@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import markdown_table, measure, row  # noqa: E402
+from timing import markdown_table, measure, measure_paired, row  # noqa: E402
 
 from eyecool_ext import ops  # noqa: E402
 
@@ -72,19 +72,22 @@ def cases(device: str = "cpu"):
             return F.conv2d(x, weight, bias, 1, 1)
 
         args = (x, offset, weight, bias, mask)
+        # Against the dense convolution (the closest ratio, a target of its own) ours and the peer alternate run
+        # by run, so that both meet the same moments of the machine; against torchvision's seconds-long kernel
+        # ours is timed first.
         with torch.no_grad():
-            ours_fwd = measure(lambda: ours(*args), device)
-            rows.append(row("deform_conv2d", case + " fwd", device, "float32", ours_fwd, "torchvision",
-                            measure(lambda: theirs(*args), device, **slow_peer)))
-            rows.append(row("deform_conv2d", case + " fwd", device, "float32", ours_fwd, "dense conv2d",
-                            measure(lambda: dense(*args), device)))
+            rows.append(row("deform_conv2d", case + " fwd", device, "float32", measure(lambda: ours(*args), device),
+                            "torchvision", measure(lambda: theirs(*args), device, **slow_peer)))
+            ours_fwd, dense_fwd = measure_paired(lambda: ours(*args), lambda: dense(*args), device, warmup=2,
+                                                 repeat=7)
+            rows.append(row("deform_conv2d", case + " fwd", device, "float32", ours_fwd, "dense conv2d", dense_fwd))
         leaves = [None if t is None else t.clone().requires_grad_() for t in args]
         grad = torch.randn(batch, cout, size, size, device=device)
-        ours_fb = measure(_forward_backward(ours, leaves, grad), device)
-        rows.append(row("deform_conv2d", case + " fwd+bwd", device, "float32", ours_fb, "torchvision",
-                        measure(_forward_backward(theirs, leaves, grad), device, **slow_peer)))
-        rows.append(row("deform_conv2d", case + " fwd+bwd", device, "float32", ours_fb, "dense conv2d",
-                        measure(_forward_backward(dense, leaves, grad), device)))
+        ours_step, dense_step = _forward_backward(ours, leaves, grad), _forward_backward(dense, leaves, grad)
+        rows.append(row("deform_conv2d", case + " fwd+bwd", device, "float32", measure(ours_step, device),
+                        "torchvision", measure(_forward_backward(theirs, leaves, grad), device, **slow_peer)))
+        ours_fb, dense_fb = measure_paired(ours_step, dense_step, device, warmup=2, repeat=7)
+        rows.append(row("deform_conv2d", case + " fwd+bwd", device, "float32", ours_fb, "dense conv2d", dense_fb))
     return rows
 
 

@@ -20,8 +20,11 @@
 #include <algorithm>
 #include <atomic>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_features.h"
+#include "cpu/gemm_avx512.h"
 #include "deform_conv2d.h"
 
 namespace eyecool {
@@ -230,6 +233,16 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
   const int64_t tiles_per_image = (plane + tile - 1) / tile;
   const int64_t work_per_tile = tile * row * (s.out_channels / s.groups + 4);
   const auto make_cols = [&] { return at::empty({tile, row}, output.options()); };
+  // Float on an AVX-512 CPU: the weight packed once for gemm_avx512.h's kernel (see there why not at::mm).
+  std::vector<GemmPackedA> packed_weight;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (cpu_has_avx512()) {
+      for (int64_t g = 0; g < s.groups; ++g) {
+        packed_weight.push_back(gemm_pack_a(weight_rows.data_ptr<float>() + g * out_per_group * taps * c_per_group,
+                                            out_per_group, taps * c_per_group, taps * c_per_group));
+      }
+    }
+  }
   parallel_items(s.batch * tiles_per_image, work_per_tile, make_cols, [&](int64_t t, at::Tensor& cols) {
     scalar_t* cols_data = cols.data_ptr<scalar_t>();
     const int64_t n = t / tiles_per_image;
@@ -253,6 +266,14 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
           }
         }
       }
+    }
+    if (!packed_weight.empty()) {
+      float* out_n = reinterpret_cast<float*>(output.data_ptr<scalar_t>()) + n * s.out_channels * plane;
+      for (int64_t g = 0; g < s.groups; ++g) {
+        gemm_packed_a_bt(packed_weight[g], reinterpret_cast<const float*>(cols_data) + g * taps * c_per_group,
+                         count, row, out_n + g * out_per_group * plane + p0, plane, has_bias);
+      }
+      return;
     }
     at::Tensor out_n = output.select(0, n).view({s.out_channels, plane});
     for (int64_t g = 0; g < s.groups; ++g) {

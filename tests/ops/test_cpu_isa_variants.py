@@ -7,12 +7,14 @@ import sys
 
 import pytest
 import torch
+import torchvision
 
 from eyecool_ext import reference
 from op_tester import assert_close, needs_compiled
 
 # Runs in the capped subprocess: fg_fusion forward and backward in both modes (a band width that is no multiple
-# of any vector width, levels with overlapping bins) and upsnet_panoptic_merge; the results go to a file.
+# of any vector width, levels with overlapping bins), upsnet_panoptic_merge and deform_conv2d's forward; the
+# results go to a file.
 VARIANT_SCRIPT = r"""
 import sys, torch
 from eyecool_ext import ops
@@ -38,6 +40,14 @@ classes = torch.randint(0, 2, (9,), generator=g)
 masks = torch.randn(9, 28, 28, generator=g) * 3
 results["merge"] = {"inputs": [sem, boxes, classes, masks],
                     "labels": ops.upsnet_panoptic_merge(sem, 4, boxes, classes, masks)}
+# deform_conv2d's forward GEMM (AVX-512 kernel or at::mm): two weight groups, 20 output channels per group (a
+# partial 32-channel panel), 11x13 = 143 pixels (a partial 8-pixel tile), with and without bias.
+x = torch.randn(2, 8, 11, 13, generator=g)
+offset = torch.randn(2, 2 * 18, 11, 13, generator=g)
+weight = torch.randn(40, 4, 3, 3, generator=g)
+bias = torch.randn(40, generator=g)
+results["deform"] = {"inputs": [x, offset, weight, bias],
+                     "out": [ops.deform_conv2d(x, offset, weight, b, padding=1) for b in (bias, None)]}
 torch.save(results, sys.argv[1])
 """
 
@@ -64,3 +74,7 @@ def test_every_cpu_isa_variant_matches_the_references(isa, tmp_path):
     merge = results["merge"]
     sem, boxes, classes, masks = merge["inputs"]
     assert torch.equal(merge["labels"], reference.upsnet_panoptic_merge(sem, 4, boxes, classes, masks))
+    deform = results["deform"]
+    x, offset, weight, bias = deform["inputs"]
+    for ours, b in zip(deform["out"], (bias, None)):
+        assert_close(ours, torchvision.ops.deform_conv2d(x, offset, weight, b, padding=1))

@@ -61,11 +61,8 @@ def measure_paired(ours: Callable[[], object], peer: Callable[[], object], devic
         return _time_once(fn, device)
 
     for _ in range(warmup):
-        for fn in (ours, peer):
-            if before is not None:
-                before()
-            fn()
-    _sync(device)
+        run(ours)
+        run(peer)
     times: Tuple[List[float], List[float]] = ([], [])
     start_all = time.perf_counter()
     for _ in range(repeat):

@@ -267,13 +267,15 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
         }
       }
     }
-    if (!packed_weight.empty()) {
-      float* out_n = reinterpret_cast<float*>(output.data_ptr<scalar_t>()) + n * s.out_channels * plane;
-      for (int64_t g = 0; g < s.groups; ++g) {
-        gemm_packed_a_bt(packed_weight[g], reinterpret_cast<const float*>(cols_data) + g * taps * c_per_group,
-                         count, row, out_n + g * out_per_group * plane + p0, plane, has_bias);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (!packed_weight.empty()) {
+        float* out_n = output.data_ptr<float>() + n * s.out_channels * plane;
+        for (int64_t g = 0; g < s.groups; ++g) {
+          gemm_packed_a_bt(packed_weight[g], cols_data + g * taps * c_per_group, count, row,
+                           out_n + g * out_per_group * plane + p0, plane, has_bias);
+        }
+        return;
       }
-      return;
     }
     at::Tensor out_n = output.select(0, n).view({s.out_channels, plane});
     for (int64_t g = 0; g < s.groups; ++g) {

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from eyecool_ext._autocast import autocast_on, reference_policy
 from eyecool_ext._utils import IntPair, pair
 
 
@@ -51,8 +52,10 @@ def check_deform_conv2d_args(input: Tensor, offset: Tensor, weight: Tensor, bias
         others.append(("mask", mask))
     if bias is not None:
         others.append(("bias", bias))
+    # Under autocast the op's autocast kernel (eyecool_ext.ops.autocast) casts them to one dtype first.
+    mixed_ok = autocast_on(input)
     for name, t in others:
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not (mixed_ok and t.is_floating_point()):
             raise ValueError(f"deform_conv2d: {name} must have the dtype of input ({input.dtype}), got {t.dtype}")
         if t.device != input.device:
             raise ValueError(f"deform_conv2d: {name} must be on the device of input ({input.device}), "
@@ -94,6 +97,7 @@ def check_deform_conv2d_args(input: Tensor, offset: Tensor, weight: Tensor, bias
     return DeformConv2dShape(stride, padding, dilation, groups, offset_groups, out_height, out_width)
 
 
+@reference_policy("deform_conv2d", ("input", "offset", "weight", "mask", "bias"))
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                   stride: IntPair = (1, 1), padding: IntPair = (0, 0), dilation: IntPair = (1, 1),
                   mask: Optional[Tensor] = None) -> Tensor:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eyecool_ext._autocast import autocast_on, reference_policy
+
 FG_FUSION_MODES = ("logit", "prob")
 
 
@@ -38,7 +40,8 @@ def check_fg_fusion_args(sem_logits: Tensor, rpn_logits: Sequence[Tensor], num_s
         if level.size(0) != sem_logits.size(0):
             raise ValueError(f"rpn_logits[{i}] must have the batch size of sem_logits ({sem_logits.size(0)}), "
                              f"got shape {tuple(level.shape)}")
-        if level.dtype != sem_logits.dtype:
+        # Under autocast the op's autocast kernel (eyecool_ext.ops.autocast) casts them to one dtype first.
+        if level.dtype != sem_logits.dtype and not (autocast_on(sem_logits) and level.is_floating_point()):
             raise ValueError(f"rpn_logits[{i}] must have the dtype of sem_logits ({sem_logits.dtype}), got "
                              f"{level.dtype}")
         if level.device != sem_logits.device:
@@ -52,6 +55,7 @@ def foreground_probability(sem_logits: Tensor, num_stuff: int) -> Tensor:
     return torch.softmax(sem_logits, dim=1)[:, num_stuff:].sum(dim=1, keepdim=True)
 
 
+@reference_policy("fg_fusion", ("sem_logits", "rpn_logits"))
 def fg_fusion(sem_logits: Tensor, rpn_logits: Sequence[Tensor], num_stuff: int, mode: str = "logit") -> List[Tensor]:
     """Reference RFF; see ``eyecool_ext.ops.fg_fusion`` for the contract."""
     levels = check_fg_fusion_args(sem_logits, rpn_logits, num_stuff, mode)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eyecool_ext._autocast import autocast_on, reference_policy
 from eyecool_ext._utils import pair
 
 
@@ -41,8 +42,10 @@ def check_panoptic_merge_args(sem_logits: Tensor, num_stuff: int, boxes: Tensor,
     if not isinstance(mask_logits, Tensor) or mask_logits.dim() != 3 or mask_logits.size(0) != m:
         shape = tuple(mask_logits.shape) if isinstance(mask_logits, Tensor) else type(mask_logits).__name__
         raise ValueError(f"mask_logits must be a Tensor[{m}, s, s] (one mask per box), got {shape}")
+    # Under autocast the op's autocast kernel (eyecool_ext.ops.autocast) casts them to one dtype first.
+    mixed_ok = autocast_on(sem_logits)
     for name, t in (("boxes", boxes), ("mask_logits", mask_logits)):
-        if t.dtype != sem_logits.dtype:
+        if t.dtype != sem_logits.dtype and not (mixed_ok and t.is_floating_point()):
             raise ValueError(f"{name} must have the dtype of sem_logits ({sem_logits.dtype}), got {t.dtype}")
     for name, t in (("boxes", boxes), ("classes", classes), ("mask_logits", mask_logits)):
         if t.device != sem_logits.device:
@@ -111,6 +114,7 @@ def upsnet_logit_stack(sem_logits: Tensor, num_stuff: int, boxes: Tensor, classe
     return torch.cat([sem_logits[:num_stuff], y + pasted, unknown.unsqueeze(0)], dim=0)
 
 
+@reference_policy("upsnet_panoptic_merge", ("sem_logits", "boxes", "mask_logits"))
 def upsnet_panoptic_merge(sem_logits: Tensor, num_stuff: int, boxes: Tensor, classes: Tensor, mask_logits: Tensor,
                           output_size=None) -> Tensor:
     """Reference UPSNet merge: materialise the logit stack and take its argmax (first index on ties).

@@ -12,6 +12,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from eyecool_ext._autocast import reference_policy
 from eyecool_ext._utils import BoxesLike, boxes_to_rois, pair
 
 
@@ -110,6 +111,7 @@ def _roi_align_rois(input: Tensor, rois: Tensor, spatial_scale, pooled_h: int, p
     return out.permute(0, 3, 1, 2).to(input.dtype).contiguous()
 
 
+@reference_policy("roi_align", ("input", "boxes"))
 def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Tuple[int, int]],
               spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """Reference ROIAlign with torchvision's signature and semantics; see ``eyecool_ext.ops.roi_align``."""
@@ -144,6 +146,7 @@ def fpn_level_index(rois: Tensor, min_level: int, max_level: int, canonical_box_
     return level.to(torch.long) - min_level
 
 
+@reference_policy("multilevel_roi_align", ("features", "boxes"))
 def multilevel_roi_align(features: List[Tensor], boxes: BoxesLike, output_size: Union[int, Tuple[int, int]],
                          scales: Sequence[float], sampling_ratio: int = 0, aligned: bool = True,
                          canonical_box_size: float = 224.0, canonical_level: int = 4) -> Tensor:

@@ -5,8 +5,9 @@ evaluates predictions held in memory during training; ``eyecool pq`` is the comm
 (``eyecool.evaluation.cli``).
 """
 from eyecool.evaluation.evaluator import PanopticEvaluator
-from eyecool.evaluation.panoptic_quality import (PanopticFormatError, PQStatistics, format_per_class_table,
-                                                 format_table, pq_compute, summary, write_summary_json)
+from eyecool.evaluation.panoptic_quality import (PanopticFormatError, PanopticFormatWarning, PQStatistics,
+                                                 format_per_class_table, format_table, pq_compute, summary,
+                                                 write_summary_json)
 
-__all__ = ["pq_compute", "PanopticEvaluator", "PQStatistics", "PanopticFormatError", "format_table",
-           "format_per_class_table", "summary", "write_summary_json"]
+__all__ = ["pq_compute", "PanopticEvaluator", "PQStatistics", "PanopticFormatError", "PanopticFormatWarning",
+           "format_table", "format_per_class_table", "summary", "write_summary_json"]

@@ -14,7 +14,7 @@ from eyecool.evaluation.panoptic_quality import (format_per_class_table, format_
 
 def run(args: argparse.Namespace) -> int:
     results = pq_compute(args.gt_json, args.pred_json, args.gt_dir, args.pred_dir, num_workers=args.workers,
-                         verbose=False)
+                         verbose=False, strict=args.strict)
     print(format_table(results))
     if args.per_class:
         with open(args.gt_json, "r") as f:
@@ -38,4 +38,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--per-class", action="store_true", help="also print (and write) per-category figures")
     parser.add_argument("--json", default=None, help="write PQ, SQ, RQ, PQ_th, ... RQ_st (x100) to this file")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: number of CPUs)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse inconsistent gt (a gt PNG and its segments_info disagree, an unknown gt "
+                             "category) instead of scoring it as panopticapi does, with a warning")
     parser.set_defaults(func=run)

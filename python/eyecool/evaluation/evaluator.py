@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Mapping, Optional, Sequence
+import warnings
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from eyecool.evaluation.panoptic_quality import (CategoryTable, PQStatistics, format_per_class_table, format_table,
-                                                 match_segments, pair_counts, read_id_map, segment_table,
-                                                 write_summary_json)
+from eyecool.evaluation.panoptic_quality import (CategoryTable, PanopticFormatWarning, PQStatistics,
+                                                 format_per_class_table, format_table, match_segments, pair_counts,
+                                                 read_id_map, segment_table, write_summary_json)
 
 
 class PanopticEvaluator:
@@ -35,10 +36,14 @@ class PanopticEvaluator:
             prediction; when True it evaluates the images seen.
         output_json: if given, ``summarize`` writes the PQ/SQ/RQ (x100) summary there (rank 0 only).
         verbose: print the All / Things / Stuff table in ``summarize`` (rank 0 only).
+        strict: as in ``pq_compute``: by default (False) inconsistent gt (a gt PNG and its ``segments_info``
+            disagree, a gt segment of an unknown category) is scored as panopticapi scores it, with a
+            ``PanopticFormatWarning`` from ``update`` naming the image and the segment; True raises
+            ``PanopticFormatError`` instead.
     """
 
     def __init__(self, gt_json_file: str, gt_folder: Optional[str] = None, *, allow_missing_images: bool = False,
-                 output_json: Optional[str] = None, verbose: bool = True):
+                 output_json: Optional[str] = None, verbose: bool = True, strict: bool = False):
         with open(gt_json_file, "r") as f:
             gt_json = json.load(f)
         self.gt_folder = gt_folder if gt_folder is not None else gt_json_file.replace(".json", "")
@@ -48,6 +53,7 @@ class PanopticEvaluator:
         self.allow_missing_images = allow_missing_images
         self.output_json = output_json
         self.verbose = verbose
+        self.strict = strict
         self._images: Dict = {}
 
     def reset(self) -> None:
@@ -67,7 +73,8 @@ class PanopticEvaluator:
         if image_id not in self.gt_annotations:
             raise KeyError(f"image {image_id} is not in the gt JSON")
         gt_ann = self.gt_annotations[image_id]
-        gt_table = segment_table(gt_ann["segments_info"], self.categories, image_id, "gt")
+        notes: List[str] = []
+        gt_table = segment_table(gt_ann["segments_info"], self.categories, image_id, "gt", self.strict, notes)
         pred_table = segment_table(segments_info, self.categories, image_id, "prediction")
         gt_ids = read_id_map(os.path.join(self.gt_folder, gt_ann["file_name"]), image_id)
         if isinstance(pred_id_map, np.ndarray):
@@ -75,7 +82,10 @@ class PanopticEvaluator:
         if pred_id_map.dtype != torch.int32:
             pred_id_map = pred_id_map.long()
         pairs = pair_counts(torch.from_numpy(gt_ids), pred_id_map, image_id)
-        self._images[image_id] = match_segments(pairs, gt_table, pred_table, len(self.categories), image_id)
+        self._images[image_id] = match_segments(pairs, gt_table, pred_table, len(self.categories), image_id,
+                                                self.strict, notes)
+        for note in notes:
+            warnings.warn(note, PanopticFormatWarning, stacklevel=2)
 
     def _gathered_images(self) -> Dict:
         """Every rank's per-image statistics (the first copy of an image evaluated on several ranks, as a

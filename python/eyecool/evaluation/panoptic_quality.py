@@ -21,6 +21,15 @@ are processed in parallel threads, and each gt / prediction PNG pair is read, in
 and matched in one C++ call with the GIL released, without either id map being written
 (``ops.panoptic_png_file_pq_statistics``, whose matching is :func:`match_segments` in C++).
 :class:`eyecool.evaluation.PanopticEvaluator` uses :func:`match_segments` on id maps in memory.
+
+Inconsistent ground truth is scored as panopticapi scores it (``strict=False``, the default of :func:`pq_compute`
+and ``PanopticEvaluator``), with a :class:`PanopticFormatWarning` naming the image and the segment: a gt PNG id
+that its ``segments_info`` does not list is neither void nor a segment (it matches nothing, is no false negative,
+and does not excuse a prediction lying on it), a listed gt segment missing from the PNG is a false negative (unless
+crowd), and a gt segment of a category the JSON does not list is such an unlisted id (panopticapi counts it under
+a category it never averages). ``strict=True`` refuses all of these with :class:`PanopticFormatError`, as
+``eyecool validate-data`` does. Predictions are held to panopticapi's checks either way: a prediction PNG and its
+``segments_info`` must agree and name known categories.
 """
 from __future__ import annotations
 
@@ -29,9 +38,10 @@ import io
 import json
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image as Image
@@ -47,6 +57,16 @@ SUMMARY_KEYS = {"All": ("PQ", "SQ", "RQ"), "Things": ("PQ_th", "SQ_th", "RQ_th")
 class PanopticFormatError(ValueError):
     """Inconsistent panoptic data: a PNG and its ``segments_info`` disagree, an unknown category, a size
     mismatch. The message names the image and the segment."""
+
+
+class PanopticFormatWarning(UserWarning):
+    """Inconsistent gt that :func:`pq_compute` scores as panopticapi does (``strict=False``): a gt PNG and its
+    ``segments_info`` disagree, or a gt segment has an unknown category. The message names the image and the
+    segment; ``strict=True`` raises :class:`PanopticFormatError` instead."""
+
+
+# At most this many PanopticFormatWarnings per pq_compute call name their image; one more gives the total.
+MAX_WARNINGS = 20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,6 +110,8 @@ class SegmentTable:
     iscrowd: np.ndarray  # bool [S]
     area: np.ndarray  # int64 [S], the JSON's area (used for gt segments only)
     crowd_of_category: np.ndarray  # int64 [C], the gt crowd segment that counts for each category, or -1
+    # ids left out because of an unknown category (segment_table(strict=False)); their pixels are unlisted ids
+    unknown_category_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     _packed: Dict[bool, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -102,8 +124,15 @@ class SegmentTable:
         return self._packed[gt]
 
 
-def segment_table(segments_info: Sequence[Mapping], categories: CategoryTable, image_id, what: str) -> SegmentTable:
-    """``segments_info`` -> :class:`SegmentTable`; ``what`` ("gt" or "prediction") names the side in errors."""
+def segment_table(segments_info: Sequence[Mapping], categories: CategoryTable, image_id, what: str,
+                  strict: bool = True, notes: Optional[List[str]] = None) -> SegmentTable:
+    """``segments_info`` -> :class:`SegmentTable`; ``what`` ("gt" or "prediction") names the side in errors.
+
+    A segment whose ``category_id`` the categories do not list raises :class:`PanopticFormatError`; with
+    ``strict=False`` (meant for the gt side) it is left out of the table instead and a message naming it is
+    appended to ``notes``: its pixels are then an unlisted id, which is how panopticapi scores them (it counts
+    the segment under a category that it never averages). Segment id 0 and a repeated id raise either way.
+    """
     count = len(segments_info)
     ids = np.empty(count, dtype=np.int64)
     category_ids = np.empty(count, dtype=np.int64)
@@ -117,9 +146,21 @@ def segment_table(segments_info: Sequence[Mapping], categories: CategoryTable, i
         area[i] = seg.get("area", 0)
     category = categories.index(category_ids)
     if count and (category < 0).any():
-        bad = int(np.flatnonzero(category < 0)[0])
-        raise PanopticFormatError(f"image {image_id}: {what} segment {int(ids[bad])} has unknown category_id "
-                                  f"{int(category_ids[bad])}")
+        unknown = np.flatnonzero(category < 0)
+        bad = int(unknown[0])
+        message = f"image {image_id}: {what} segment {int(ids[bad])} has unknown category_id {int(category_ids[bad])}"
+        if strict:
+            raise PanopticFormatError(message)
+        others = [f"{int(ids[i])} ({int(category_ids[i])})" for i in unknown[1:]]
+        if notes is not None:
+            notes.append(message + (f" (also segments {', '.join(others)})" if others else "") +
+                         "; scored as panopticapi does: as pixels of no listed segment")
+        known = category >= 0
+        unknown_category_ids = np.sort(ids[~known])
+        ids, category, iscrowd, area = ids[known], category[known], iscrowd[known], area[known]
+        count = len(ids)
+    else:
+        unknown_category_ids = np.empty(0, dtype=np.int64)
     if count and (ids == VOID).any():
         raise PanopticFormatError(f"image {image_id}: {what} segments_info lists segment id 0, which means void")
     order = np.argsort(ids, kind="stable")
@@ -129,7 +170,8 @@ def segment_table(segments_info: Sequence[Mapping], categories: CategoryTable, i
     # panopticapi keeps, per category, the last crowd segment of segments_info (a dict overwritten in order).
     for i in np.flatnonzero(iscrowd):
         crowd_of_category[category[i]] = ids[i]
-    return SegmentTable(ids[order], category[order], iscrowd[order], area[order], crowd_of_category)
+    return SegmentTable(ids[order], category[order], iscrowd[order], area[order], crowd_of_category,
+                        unknown_category_ids=unknown_category_ids)
 
 
 def _segment_index(table: SegmentTable, ids: np.ndarray) -> np.ndarray:
@@ -140,21 +182,34 @@ def _segment_index(table: SegmentTable, ids: np.ndarray) -> np.ndarray:
     return np.where(table.ids[pos] == ids, pos, -1)
 
 
-def _check_same_segments(png_ids: np.ndarray, rows: np.ndarray, table: SegmentTable, image_id, what: str) -> None:
-    """The non-void ids of a PNG and its segments_info must be the same set. ``png_ids`` are ids seen in the
-    PNG (repeats allowed) and ``rows`` their rows in ``table`` (-1 when not listed)."""
+def _segment_mismatches(png_ids: np.ndarray, rows: np.ndarray, table: SegmentTable, image_id,
+                        what: str) -> List[str]:
+    """Where the non-void ids of a PNG and its segments_info are not the same set: one message for the ids in
+    the PNG only, one for those in the table only (none when they agree). ``png_ids`` are ids seen in the PNG
+    (repeats allowed) and ``rows`` their rows in ``table`` (-1 when not listed)."""
+    messages = []
     unlisted = (rows < 0) & (png_ids != VOID)
+    if len(table.unknown_category_ids):  # already reported by segment_table
+        unlisted &= ~np.isin(png_ids, table.unknown_category_ids)
     if unlisted.any():
         missing_from_json = np.unique(png_ids[unlisted])
-        raise PanopticFormatError(f"image {image_id}: {what} segment {int(missing_from_json[0])} is in the PNG but "
-                                  f"not in its segments_info (segments in the PNG only: "
-                                  f"{missing_from_json.tolist()})")
+        messages.append(f"image {image_id}: {what} segment {int(missing_from_json[0])} is in the PNG but not in its "
+                        f"segments_info (segments in the PNG only: {missing_from_json.tolist()})")
     seen = np.zeros(len(table.ids), dtype=bool)
     seen[rows[rows >= 0]] = True
     if not seen.all():
         missing_from_png = table.ids[~seen]
-        raise PanopticFormatError(f"image {image_id}: {what} segment {int(missing_from_png[0])} is in segments_info "
-                                  f"but not in the PNG (segments in the JSON only: {missing_from_png.tolist()})")
+        messages.append(f"image {image_id}: {what} segment {int(missing_from_png[0])} is in segments_info but not in "
+                        f"the PNG (segments in the JSON only: {missing_from_png.tolist()})")
+    return messages
+
+
+def _check_same_segments(png_ids: np.ndarray, rows: np.ndarray, table: SegmentTable, image_id, what: str) -> None:
+    """The non-void ids of a PNG and its segments_info must be the same set (:class:`PanopticFormatError`
+    naming the first difference otherwise)."""
+    messages = _segment_mismatches(png_ids, rows, table, image_id, what)
+    if messages:
+        raise PanopticFormatError(messages[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +228,8 @@ class ImageStatistics:
 
 
 def match_segments(pairs: Tuple[np.ndarray, np.ndarray, np.ndarray], gt: SegmentTable, pred: SegmentTable,
-                   num_categories: int, image_id) -> ImageStatistics:
+                   num_categories: int, image_id, strict: bool = True,
+                   notes: Optional[List[str]] = None) -> ImageStatistics:
     """PQ statistics of one image from its pair counts.
 
     Args:
@@ -181,11 +237,22 @@ def match_segments(pairs: Tuple[np.ndarray, np.ndarray, np.ndarray], gt: Segment
         gt, pred: the image's segment tables.
         num_categories: length of the category table.
         image_id: names the image in errors.
+        strict: a gt PNG id missing from ``gt`` or a ``gt`` segment missing from the PNG raises
+            :class:`PanopticFormatError`; with False it is scored as panopticapi scores it (an unlisted id matches
+            nothing, is no false negative and is not void; a segment without pixels is a false negative unless
+            crowd) and the message is appended to ``notes``. The prediction must agree with its PNG either way.
     """
     gt_id, pred_id, count = pairs
     gi = _segment_index(gt, gt_id)
     pi = _segment_index(pred, pred_id)
-    _check_same_segments(gt_id, gi, gt, image_id, "gt")
+    if strict:
+        _check_same_segments(gt_id, gi, gt, image_id, "gt")
+    else:
+        # The rules below already treat an unlisted gt id as panopticapi does: it never becomes a candidate
+        # (gi < 0), it is not void (only id 0 is), and it is not the crowd region of any category.
+        mismatches = _segment_mismatches(gt_id, gi, gt, image_id, "gt")
+        if notes is not None:
+            notes.extend(m + "; scored as panopticapi does" for m in mismatches)
     _check_same_segments(pred_id, pi, pred, image_id, "prediction")
     num_pred = len(pred.ids)
 
@@ -355,26 +422,29 @@ def pair_counts(gt_ids, pred_ids, image_id=None) -> Tuple[np.ndarray, np.ndarray
 
 
 def file_statistics(gt_path: str, pred_path: str, gt: SegmentTable, pred: SegmentTable, num_categories: int,
-                    image_id=None) -> ImageStatistics:
+                    image_id=None, strict: bool = True, notes: Optional[List[str]] = None) -> ImageStatistics:
     """One image's PQ statistics from its gt and predicted PNG files and segment tables: ``match_segments`` of
     ``file_pair_counts``, computed in one GIL-free C++ call when the kernel is compiled and libdeflate is found
     (``ops.panoptic_png_file_pq_statistics``: reading, chunk CRCs, inflation, pair counts and matching). Otherwise,
     and for what that call leaves alone (missing, corrupt or other kinds of PNG, two sizes) or finds inconsistent
     (a PNG that disagrees with its table), the Python reader and the numpy rules run, which also raise the errors
-    naming the image and the segment."""
+    naming the image and the segment. ``strict`` and ``notes`` are :func:`match_segments`'s: the C++ call
+    reports a gt that disagrees with its PNG as a problem code, and the numpy rules then score it leniently."""
     if ops.file_pq_statistics_available():
         problem, category, iou, tp, fp, fn = ops.panoptic_png_file_pq_statistics(
             gt_path, pred_path, gt.packed(True), pred.packed(False), torch.from_numpy(gt.crowd_of_category),
             num_categories)
         if problem == 0:
             return ImageStatistics(category.numpy(), iou.numpy(), tp.numpy(), fp.numpy(), fn.numpy())
-    return match_segments(file_pair_counts(gt_path, pred_path, image_id), gt, pred, num_categories, image_id)
+    return match_segments(file_pair_counts(gt_path, pred_path, image_id), gt, pred, num_categories, image_id,
+                          strict, notes)
 
 
 def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str, pred_folder: str,
-                      categories: CategoryTable, stats: "PQStatistics", workers: int) -> None:
+                      categories: CategoryTable, stats: "PQStatistics", workers: int, strict: bool = True) -> None:
     """Adds every image's statistics to ``stats``, in image order; the first image, in order, with an error
-    raises it.
+    raises it. With ``strict=False`` inconsistent gt is scored as panopticapi scores it, and this thread warns
+    (:class:`PanopticFormatWarning`), in image order, for the first :data:`MAX_WARNINGS` images concerned.
 
     This thread builds the segment tables of a block of images (Python) and hands the block to the worker
     threads, in contiguous chunks: one C++ call per image that reads, inflates, pair-counts and matches with the
@@ -391,11 +461,12 @@ def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str
         tables = []
         for gt_ann, pred_ann in block_pairs:
             image_id = gt_ann["image_id"]
+            notes: List[str] = []
             try:
-                gt_table = segment_table(gt_ann["segments_info"], categories, image_id, "gt")
+                gt_table = segment_table(gt_ann["segments_info"], categories, image_id, "gt", strict, notes)
                 pred_table = segment_table(pred_ann["segments_info"], categories, image_id, "prediction")
                 gt_table.packed(True), pred_table.packed(False)  # here, not in the workers
-                tables.append((gt_table, pred_table))
+                tables.append((gt_table, pred_table, notes))
             except Exception as exc:  # noqa: BLE001 - raised in image order, by collect()
                 tables.append(exc)
         return tables
@@ -403,10 +474,12 @@ def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str
     def evaluate(gt_ann, pred_ann, image_tables):
         if isinstance(image_tables, Exception):
             return image_tables
+        gt_table, pred_table, notes = image_tables
         try:
-            return file_statistics(os.path.join(gt_folder, gt_ann["file_name"]),
-                                   os.path.join(pred_folder, pred_ann["file_name"]), *image_tables,
-                                   num_categories, gt_ann["image_id"])
+            image_stats = file_statistics(os.path.join(gt_folder, gt_ann["file_name"]),
+                                          os.path.join(pred_folder, pred_ann["file_name"]), gt_table, pred_table,
+                                          num_categories, gt_ann["image_id"], strict, notes)
+            return image_stats, notes
         except Exception as exc:  # noqa: BLE001 - raised by this thread, in image order
             return exc
 
@@ -418,11 +491,20 @@ def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str
 
         return pool.map(evaluate_chunk, range(0, len(block_pairs), chunk))
 
+    warned = [0]  # images with warnings so far
+
     def collect(results):
         for chunk_stats in results:
-            for image_stats in chunk_stats:
-                if isinstance(image_stats, Exception):
-                    raise image_stats
+            for result in chunk_stats:
+                if isinstance(result, Exception):
+                    raise result
+                image_stats, notes = result
+                if notes:
+                    warned[0] += 1
+                    if warned[0] <= MAX_WARNINGS:
+                        for note in notes:
+                            # stacklevel 4: collect <- _evaluate_folders <- pq_compute <- its caller
+                            warnings.warn(note, PanopticFormatWarning, stacklevel=4)
                 stats.add(image_stats)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -434,6 +516,10 @@ def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str
             pending = results
         if pending is not None:
             collect(pending)
+    if warned[0] > MAX_WARNINGS:
+        warnings.warn(f"{warned[0]} images have inconsistent gt (the first {MAX_WARNINGS} are named above); they are "
+                      f"scored as panopticapi scores them, strict=True refuses them", PanopticFormatWarning,
+                      stacklevel=3)
 
 
 def _load_json(path: str):
@@ -451,8 +537,9 @@ def _load_json(path: str):
 
 def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] = None,
                pred_folder: Optional[str] = None, num_workers: Optional[int] = None,
-               verbose: bool = True) -> Dict:
-    """panopticapi's ``pq_compute``: same signature, folder defaults, rules and return value, much faster.
+               verbose: bool = True, strict: bool = False) -> Dict:
+    """panopticapi's ``pq_compute``: same signature, folder defaults, rules, return value and numbers, much
+    faster.
 
     Args:
         gt_json_file, pred_json_file: COCO panoptic JSON files (``annotations`` with ``image_id``,
@@ -460,13 +547,21 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
         gt_folder, pred_folder: folders of the PNGs; default: the JSON path without ``.json``.
         num_workers: threads decoding PNGs and matching (default: the number of CPUs).
         verbose: print the All / Things / Stuff table.
+        strict: refuse inconsistent gt (:class:`PanopticFormatError`) instead of scoring it as panopticapi does:
+            a gt PNG id missing from its ``segments_info``, a listed gt segment missing from its PNG (an empty
+            ``segments_info`` for a PNG with segments is the first case), a gt segment of an unknown category.
+            By default (False) these are scored as panopticapi scores them (see the module docstring), each
+            image concerned with a :class:`PanopticFormatWarning` naming it and the segment (the first
+            :data:`MAX_WARNINGS` images, then one warning with their number).
 
     Returns:
         ``{"All": {"pq", "sq", "rq", "n"}, "Things": ..., "Stuff": ..., "per_class": {category_id: {"pq",
         "sq", "rq"}}}`` (fractions, not x100).
 
     Raises:
-        PanopticFormatError: a PNG and its segments_info disagree, an unknown category, a size mismatch.
+        PanopticFormatError: a prediction PNG and its segments_info disagree, a predicted segment of an unknown
+            category (panopticapi raises KeyError for both), a size mismatch, a segment id 0 or a repeated id in
+            segments_info; with ``strict=True`` also the gt problems above.
         FileNotFoundError: a folder or PNG is missing. ValueError: a gt image has no prediction.
     """
     start = time.perf_counter()
@@ -487,7 +582,8 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
         matched.append((gt_ann, pred_annotations[gt_ann["image_id"]]))
 
     stats = PQStatistics(categories)
-    _evaluate_folders(matched, gt_folder, pred_folder, categories, stats, num_workers or os.cpu_count() or 1)
+    _evaluate_folders(matched, gt_folder, pred_folder, categories, stats, num_workers or os.cpu_count() or 1,
+                      strict)
     results = stats.results()
     if verbose:
         print(format_table(results))
@@ -542,4 +638,4 @@ def write_summary_json(results: Mapping, path: str, per_class: bool = False) -> 
 
 __all__ = ["pq_compute", "PQStatistics", "ImageStatistics", "CategoryTable", "SegmentTable", "segment_table",
            "match_segments", "read_id_map", "pair_counts", "format_table", "format_per_class_table", "summary",
-           "write_summary_json", "PanopticFormatError"]
+           "write_summary_json", "PanopticFormatError", "PanopticFormatWarning"]

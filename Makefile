@@ -80,5 +80,17 @@ sanitize:
 	@! grep -E "runtime error:|ERROR: AddressSanitizer" $(SANITIZE_DIR)/report.txt || \
 	  { echo "sanitizer findings: see $(SANITIZE_DIR)/report.txt"; exit 1; }
 
+# On a machine with an NVIDIA GPU: build the extension with CUDA in place (with GPU_PYTHON, not the .venv: the GPU
+# image has none), compute-sanitizer over every op, CUDA vs CPU vs reference, the CUDA op tests, timings against
+# torchvision; one JSON report (GPU_CHECK_JSON) and a table; nonzero exit when a check fails. Without a GPU it says
+# so and exits 0 having built nothing. The emulation build is off: the real kernels are what is checked there.
+GPU_PYTHON ?= python3
+GPU_CHECK_JSON ?= bench_out/gpu_check.json
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/python$${PYTHONPATH:+:$$PYTHONPATH} EYECOOL_CUDA_EMULATION=0 \
+	  $(GPU_PYTHON) benchmarks/gpu_check.py --json $(GPU_CHECK_JSON) $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf build eyecool_ext/_C*.so *.egg-info

@@ -180,10 +180,10 @@ def compare_tensors(actual, expected, dtype, loosen: float = 1.0, mismatch_fract
     # At least 1, the tests' absolute tolerance: a gradient that is zero up to rounding (fg_fusion with no stuff
     # channel, where fg == 1) must not shrink the bound to the rounding noise itself.
     scale = max(1.0, float(e[finite].abs().max()) if bool(finite.any()) else 0.0)
-    err = (a - e).abs()
-    err = torch.where(torch.isnan(e) & torch.isnan(a), torch.zeros_like(err), err)
+    both_nan = torch.isnan(e) & torch.isnan(a)
+    err = torch.where(both_nan, torch.zeros_like(a), (a - e).abs())
     bound = atol * scale + rtol * e.abs()
-    ratio = err / bound
+    ratio = torch.where(both_nan, torch.zeros_like(err), err / bound)
     worst = float(ratio.nan_to_num(nan=math.inf).max())
     return {"ok": nan_ok and worst <= 1.0, "max_abs_err": float(err.nan_to_num(nan=math.inf).max()),
             "scale": scale, "worst": round(worst, 4), **({} if nan_ok else {"error": "NaN pattern differs"})}

@@ -4,23 +4,31 @@
 The op is registered in C++ (``torch.ops.eyecool.deform_conv2d``); this module adds the typed wrapper, the fake
 kernels that let ``torch.compile`` trace it, and its autograd formula, whose backward calls the registered
 ``eyecool::_deform_conv2d_backward`` op.
+
+As torchvision's, ``deform_conv2d`` and ``DeformConv2d`` work under ``torch.jit.script`` (typed signatures; the
+eager checks and fallback sit behind ``torch.jit.is_scripting()``) and ``torch.fx.symbolic_trace`` (a call with
+traced values records one ``call_function`` node, wherever it is called from).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+import torch.fx
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
 from eyecool_ext import _extension, reference
-from eyecool_ext._utils import IntPair, pair
+from eyecool_ext._utils import IntPair, ShapeError, pair
 from eyecool_ext.reference.deform_conv2d import check_deform_conv2d_args
+
+_Proxy = torch.fx.Proxy
 
 
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                  stride: IntPair = (1, 1), padding: IntPair = (0, 0), dilation: IntPair = (1, 1),
-                  mask: Optional[Tensor] = None) -> Tensor:
+                  stride: BroadcastingList2[int] = 1, padding: BroadcastingList2[int] = 0,
+                  dilation: BroadcastingList2[int] = 1, mask: Optional[Tensor] = None) -> Tensor:
     """Deformable convolution with torchvision's exact semantics (``torchvision.ops.deform_conv2d``).
 
     Every kernel point ``k = i * kw + j`` of output pixel ``(h, w)`` samples the input bilinearly at
@@ -34,7 +42,8 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
             it and must divide ``C_in``.
         weight: ``Tensor[C_out, C_in / groups, kh, kw]``; ``groups`` is inferred from it.
         bias: ``Tensor[C_out]`` or None.
-        stride, padding, dilation: an int or ``(h, w)``.
+        stride, padding, dilation: an int or ``(h, w)``; the defaults 1, 0, 1 are torchvision's ``(1, 1)``,
+            ``(0, 0)``, ``(1, 1)`` (ints, so that TorchScript accepts an int here too).
         mask: ``Tensor[N, offset_groups * kh * kw, H_out, W_out]`` modulation (DCN v2), or None (DCN v1).
 
     Returns:
@@ -42,15 +51,56 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
         (``W_out`` likewise). Differentiable in input, offset, weight, bias and mask.
 
     Raises:
-        ValueError: a shape, dtype or device that does not fit, with the expected and the given shapes.
+        ShapeError: a shape, dtype or device that does not fit, with the expected and the given shapes. It is a
+            ValueError and also a RuntimeError, the type torchvision raises for wrongly sized inputs, so code
+            written for either catches it (the messages are eyecool's: they name the argument, the expected and
+            the given shape, where torchvision's say e.g. "the shape of the offset tensor at dimension 1 is not
+            valid" or "mask.shape[1] is not valid").
+
+    TorchScript: ``torch.jit.script`` compiles this function (and ``DeformConv2d``) to a direct call of
+    ``torch.ops.eyecool.deform_conv2d``; scripted code needs the compiled extension, and the kernel's own checks
+    (``TORCH_CHECK``, raised as ``torch.jit.Error``) replace the Python ones. ``torch.fx.symbolic_trace`` records
+    the call as one node.
     """
-    shape = check_deform_conv2d_args(input, offset, weight, bias, stride, padding, dilation, mask)
+    if not torch.jit.is_scripting():
+        # TorchScript does not compile this branch, but its parser reads it: the eager code (a try statement,
+        # generators) lives in a function of its own.
+        return _deform_conv2d_eager(input, offset, weight, bias, stride, padding, dilation, mask)
+    return _deform_conv2d_scripted(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def _deform_conv2d_eager(input, offset, weight, bias, stride, padding, dilation, mask):
+    if (isinstance(input, _Proxy) or isinstance(offset, _Proxy) or isinstance(weight, _Proxy)
+            or isinstance(bias, _Proxy) or isinstance(mask, _Proxy)):
+        # torch.fx tracing: one node that calls this function again with real tensors.
+        proxy = next(t for t in (input, offset, weight, bias, mask) if isinstance(t, _Proxy))
+        return proxy.tracer.create_proxy("call_function", deform_conv2d,
+                                         (input, offset, weight, bias, stride, padding, dilation, mask), {})
+    try:
+        shape = check_deform_conv2d_args(input, offset, weight, bias, stride, padding, dilation, mask)
+    except ValueError as exc:
+        raise ShapeError(str(exc)) from None
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
     if not _extension.use_compiled("deform_conv2d", *tensors):
         return reference.deform_conv2d(input, offset, weight, bias, shape.stride, shape.padding, shape.dilation,
                                        mask)
     return torch.ops.eyecool.deform_conv2d(input, offset, weight, mask, bias, list(shape.stride),
                                            list(shape.padding), list(shape.dilation))
+
+
+if _extension.has_op("deform_conv2d"):
+
+    def _deform_conv2d_scripted(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                stride: List[int], padding: List[int], dilation: List[int],
+                                mask: Optional[Tensor]) -> Tensor:
+        return torch.ops.eyecool.deform_conv2d(input, offset, weight, mask, bias, stride, padding, dilation)
+else:
+
+    def _deform_conv2d_scripted(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                stride: List[int], padding: List[int], dilation: List[int],
+                                mask: Optional[Tensor]) -> Tensor:
+        raise RuntimeError("eyecool_ext: deform_conv2d under torch.jit.script needs the compiled extension (the "
+                           "reference fallback is not scriptable); rebuild it with `make install`")
 
 
 class DeformConv2d(nn.Module):
@@ -65,6 +115,13 @@ class DeformConv2d(nn.Module):
 
     This is the layer of the semantic branch (DESIGN.md section 5: deformable 3x3 256->256, 256->128,
     128->128, each with its own offset convolution).
+
+    Differences from ``torchvision.ops.DeformConv2d``, which takes its offsets (and mask) as inputs: the
+    arguments after ``groups`` are ``offset_groups, bias, modulated`` (pass ``bias`` by keyword), the layer owns
+    ``offset_conv`` (and ``mask_conv``), so its ``state_dict`` has their weights too, and ``forward(x)`` predicts
+    the offsets. ``forward(x, offset, mask=None)`` is torchvision's call: it uses the given offsets (offset groups
+    inferred from their shape) and mask (None: DCN v1, whatever ``modulated`` says) and leaves the layer's own
+    offset and mask convolutions unused. The layer works under ``torch.jit.script`` and ``torch.fx``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
@@ -115,9 +172,14 @@ class DeformConv2d(nn.Module):
         mask = 2 * torch.sigmoid(self.mask_conv(x)) if self.mask_conv is not None else None
         return offset, mask
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x ``[N, C_in, H, W]`` -> ``[N, C_out, H_out, W_out]``."""
-        offset, mask = self.offsets_and_mask(x)
+    def forward(self, x: Tensor, offset: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+        """x ``[N, C_in, H, W]`` -> ``[N, C_out, H_out, W_out]``, with the layer's own offsets (and mask); or
+        with the ``offset`` (and ``mask``) given, as torchvision's ``DeformConv2d.forward(input, offset, mask)``."""
+        if offset is None:
+            if mask is not None:
+                raise ValueError("DeformConv2d: a mask was given without offsets; pass both (torchvision's call) "
+                                 "or neither (the layer predicts them)")
+            offset, mask = self.offsets_and_mask(x)
         return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
     def extra_repr(self) -> str:

@@ -176,3 +176,103 @@ def test_timing_and_kernel_split_on_the_cpu():
     top = gpu_check.kernel_split(lambda: a @ a, "cpu", runs=2, top=3)
     assert 1 <= len(top) <= 3 and any("mm" in t["name"] for t in top)
     assert all(0 <= t["share"] <= 1 for t in top) and sum(t["share"] for t in top) <= 1.001
+
+
+@pytest.mark.skipif(not __import__("eyecool_ext").compiled(), reason="compiled extension not loaded")
+@pytest.mark.parametrize("name", ["large_fg_fusion", "large_roi_align", "large_deform_conv2d"])
+def test_large_input_slicing_at_small_shapes(name):
+    # The >2^31 cases at tiny shapes on the CPU: a slice of the whole op's result must equal the op recomputed
+    # from the slice of the input it depends on (exactly, here: the same CPU kernel both times). A crop that
+    # missed part of a pooling window, or a wrong image or channel offset, would differ.
+    rows = getattr(gpu_check, name)("cpu", torch.float64, small=True)
+    assert len(rows) >= 8 and all(r["ok"] for r in rows), rows
+    assert all(r["worst"] == 0.0 for r in rows)
+    # In half precision against float32 from the same values (what runs on the GPU), within the tolerances.
+    dtype = torch.float32 if name == "large_deform_conv2d" else torch.bfloat16
+    assert all(r["ok"] for r in getattr(gpu_check, name)("cpu", dtype, small=True))
+
+
+@pytest.mark.skipif(not __import__("eyecool_ext").compiled(), reason="compiled extension not loaded")
+def test_smoke_calls_every_op():
+    # What compute-sanitizer runs on the GPU, here on the CPU op: it must get through every case.
+    assert gpu_check.smoke("cpu") >= 30
+
+
+def test_test_step_reads_pytest_summaries(tmp_path, monkeypatch):
+    log = tmp_path / "tests.log"
+
+    def fake_run(cmd, timeout, log_path, env=None):
+        with open(log_path, "w") as f:
+            f.write(summary + "\n")
+        return {"rc": rc, "timed_out": False, "seconds": 1.0, "log": log_path}
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    summary, rc = "========= 120 passed, 3 skipped, 900 deselected in 41.20s =========", 0
+    res = gpu_check.step_tests(60, str(tmp_path), False)
+    assert res["ok"] and res["counts"] == {"passed": 120, "skipped": 3, "deselected": 900}
+    summary, rc = "2 failed, 118 passed, 900 deselected in 40.00s", 1
+    assert not gpu_check.step_tests(60, str(tmp_path), False)["ok"]
+    summary, rc = "1023 deselected in 3.00s", 5  # no CUDA parametrisation at all: a failure here
+    assert not gpu_check.step_tests(60, str(tmp_path), False)["ok"]
+    assert log.exists()
+
+
+def test_sanitize_step_needs_a_clean_summary_and_the_script_to_finish(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "find_compute_sanitizer", lambda: "/usr/bin/compute-sanitizer")
+    seen = {}
+
+    def fake_run(cmd, timeout, log_path, env=None):
+        seen["cmd"], seen["env"] = cmd, env
+        with open(log_path, "w") as f:
+            f.write(text)
+        return {"rc": rc, "timed_out": False, "seconds": 1.0, "log": log_path}
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    text, rc = "gpu-smoke: ok (36 op calls)\n========= ERROR SUMMARY: 0 errors\n", 0
+    res = gpu_check.step_sanitize(60, str(tmp_path), False)
+    assert res["ok"] and res["errors"] == 0
+    assert seen["cmd"][:3] == ["/usr/bin/compute-sanitizer", "--tool", "memcheck"] and "--error-exitcode" in seen["cmd"]
+    assert seen["env"]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    text, rc = ("========= Invalid __global__ read of size 4 bytes\ngpu-smoke: ok (36 op calls)\n"
+                "========= ERROR SUMMARY: 3 errors\n"), 86
+    res = gpu_check.step_sanitize(60, str(tmp_path), False)
+    assert not res["ok"] and res["errors"] == 3 and "Invalid __global__ read" in res["error"]
+    text, rc = "========= ERROR SUMMARY: 0 errors\n", 0  # the script died before its end
+    assert not gpu_check.step_sanitize(60, str(tmp_path), False)["ok"]
+
+
+def test_orchestrator_report_exit_status_and_skips(tmp_path, monkeypatch):
+    # The CUDA path's control flow with every step faked: report written, exit 1 on any failure, later steps
+    # skipped after a failed build, a step left without time counted as failed.
+    monkeypatch.setattr(gpu_check, "gpu_presence", lambda: ("yes", ""))
+    calls = []
+
+    def fake(name, ok=True):
+        def step(*args):
+            calls.append(name)
+            return {"ok": ok, **({"rows": [{"ok": ok, "op": "roi_align"}]} if name in ("compare", "bench") else {})}
+        return step
+
+    def install(build_ok=True, compare_ok=True):
+        calls.clear()
+        monkeypatch.setattr(gpu_check, "step_build", fake("build", build_ok))
+        monkeypatch.setattr(gpu_check, "step_sanitize", fake("sanitize"))
+        monkeypatch.setattr(gpu_check, "step_tests", fake("tests"))
+        monkeypatch.setattr(gpu_check, "step_worker", lambda name, *a: fake(name, compare_ok or name != "compare")())
+
+    report = tmp_path / "r.json"
+    install()
+    assert gpu_check.main(["--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert calls == gpu_check.STEPS and data["ok"] and all(s["status"] == "passed" for s in data["steps"].values())
+    install(compare_ok=False)
+    assert gpu_check.main(["--json", str(report)]) == 1
+    assert json.loads(report.read_text())["steps"]["compare"]["status"] == "failed"
+    install(build_ok=False)
+    assert gpu_check.main(["--json", str(report)]) == 1 and calls == ["build"]
+    assert {s["status"] for n, s in json.loads(report.read_text())["steps"].items() if n != "build"} == {"skipped"}
+    install()
+    assert gpu_check.main(["--json", str(report), "--skip-build", "--steps", "build,compare"]) == 0
+    assert calls == ["compare"]
+    install()
+    assert gpu_check.main(["--json", str(report), "--budget-s", "10"]) == 1 and calls == []

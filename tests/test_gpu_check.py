@@ -276,3 +276,16 @@ def test_orchestrator_report_exit_status_and_skips(tmp_path, monkeypatch):
     assert calls == ["compare"]
     install()
     assert gpu_check.main(["--json", str(report), "--budget-s", "10"]) == 1 and calls == []
+
+
+def test_sanitizer_refused_by_the_runtime_is_unavailable_not_passed(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "find_compute_sanitizer", lambda: "/usr/bin/compute-sanitizer")
+
+    def fake_run(cmd, timeout, log_path, env=None):
+        with open(log_path, "w") as f:
+            f.write("========= Error: Device not supported\nRuntimeError: CUDA error: unknown error\n")
+        return {"rc": 1, "timed_out": False, "seconds": 1.0, "log": log_path}
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    res = gpu_check.step_sanitize(60, str(tmp_path), False)
+    assert res["ok"] and "did not run" in res["unavailable"]

@@ -121,7 +121,10 @@ class DeformConv2d(nn.Module):
     ``offset_conv`` (and ``mask_conv``), so its ``state_dict`` has their weights too, and ``forward(x)`` predicts
     the offsets. ``forward(x, offset, mask=None)`` is torchvision's call: it uses the given offsets (offset groups
     inferred from their shape) and mask (None: DCN v1, whatever ``modulated`` says) and leaves the layer's own
-    offset and mask convolutions unused. The layer works under ``torch.jit.script`` and ``torch.fx``.
+    offset and mask convolutions unused. The layer works under ``torch.jit.script`` and ``torch.fx``; traced as
+    the root module, ``symbolic_trace`` makes ``offset`` and ``mask`` inputs (torchvision's call), so trace
+    ``symbolic_trace(layer, concrete_args={"offset": None, "mask": None})`` for the self-predicting form (inside
+    a traced model, ``self.layer(x)`` traces the offset convolutions as it is).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,

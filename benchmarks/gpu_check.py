@@ -921,7 +921,7 @@ def bench_cases(device: str, quick: bool) -> List[Dict[str, Any]]:
     feats = [torch.randn(2, 256 // s, int(800 * sc) // s, int(1088 * sc) // s, device=dev, dtype=dtype,
                          requires_grad=True) for sc in SCALES]
     rois = _rois(_gen(1), 512 // s, 2, 800 // s, 1088 // s, min_size=16, max_frac=0.5).to(dev, dtype)
-    scales_s = [sc / s for sc in SCALES]
+    scales_s = SCALES  # the maps shrink with the image under --quick: the same scales
 
     def tv_pooler():
         level = reference.fpn_level_index(rois, 2, 5)
@@ -966,14 +966,33 @@ def bench_cases(device: str, quick: bool) -> List[Dict[str, Any]]:
     return cases
 
 
+def _max_abs_diff(a, b) -> Optional[float]:
+    import torch
+
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            return math.inf
+        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b) and a:
+        diffs = [_max_abs_diff(x, y) for x, y in zip(a, b)]
+        return None if any(d is None for d in diffs) else max(diffs)
+    return None
+
+
 def bench_all(device: str, quick: bool) -> List[Dict[str, Any]]:
     rows = []
     repeat, warmup, max_s = (3, 1, 1.0) if quick else (30, 5, 3.0)
     for op, case, dtype, ours, peer_name, peer in bench_cases(device, quick):
         row = {"op": op, "case": case, "dtype": dtype, "device": device, "peer": peer_name}
         try:
+            mine = ours()
             try:
-                peer()
+                theirs = peer()
+                # That both sides compute the same thing (forward cases; a fwd+bwd step returns nothing). Reported,
+                # not judged: the compare step is the correctness check.
+                diff = _max_abs_diff(mine, theirs)
+                if diff is not None:
+                    row["max_abs_diff_vs_peer"] = diff
             except Exception as exc:  # noqa: BLE001  (the peer's limits, e.g. a dtype it lacks, are not ours)
                 row["peer_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 peer = None

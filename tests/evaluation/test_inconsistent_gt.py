@@ -201,6 +201,33 @@ def test_random_inconsistent_gt_matches_panopticapi(tmp_path, seed):
     assert_same(ours, theirs(*paths))
 
 
+@needs_panopticapi
+def test_repeated_segment_ids_keep_their_last_entry(tmp_path):
+    """panopticapi reads segments_info into a dict: a repeated id keeps its last entry, at the place of its first
+    one. Gt segment 1 is listed as person then sky (sky counts); prediction 10 likewise. Crowd segments 5 and 7
+    (both car) are listed 5, 7, 5 again: the dict's order is 5, 7, so 7 is the crowd region that excuses car
+    predictions, and car prediction 40, lying on crowd 5, is a false positive (were 5 the crowd region, as the
+    last entries' order would say, it would be ignored and car would have no figures)."""
+    gt = np.array([[1, 1, 5, 5, 7, 7], [1, 1, 5, 5, 7, 7]])
+    gt_image = image(2, gt, [seg(1, 1, 4), seg(5, 2, 4, iscrowd=1), seg(7, 2, 4, iscrowd=1), seg(1, 10, 4),
+                             seg(5, 2, 4, iscrowd=1)])
+    pred = np.array([[10, 10, 40, 40, 0, 0], [10, 10, 40, 40, 0, 0]])
+    pred_image = image(2, pred, [seg(10, 1, 4), seg(40, 2, 4), seg(10, 10, 4)])
+    paths = write(tmp_path, [gt_image], [pred_image], filler=1)
+    with pytest.raises(PanopticFormatError, match="image 2: gt segments_info lists segment 1 twice"):
+        pq_compute(*paths, verbose=False, strict=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = pq_compute(*paths, verbose=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, PanopticFormatWarning)]
+    assert any(m.startswith("image 2: gt segments_info lists segment 1 2 times (repeated ids: [1, 5])")
+               for m in messages)
+    assert any(m.startswith("image 2: prediction segments_info lists segment 10 2 times") for m in messages)
+    assert_same(ours, theirs(*paths))
+    assert ours["per_class"][10]["pq"] == 1.0  # sky: segment 1's last entry, matched by prediction 10's
+    assert ours["Things"]["n"] == 2 and ours["per_class"][2]["rq"] == 0.0  # car: prediction 40 is a FP
+
+
 def test_warnings_are_capped(tmp_path, monkeypatch):
     """Past MAX_WARNINGS images, one last warning gives their number instead of naming each."""
     monkeypatch.setattr(panoptic_quality, "MAX_WARNINGS", 2)
@@ -213,7 +240,7 @@ def test_warnings_are_capped(tmp_path, monkeypatch):
         pq_compute(*paths, verbose=False)
     messages = [str(w.message) for w in caught if issubclass(w.category, PanopticFormatWarning)]
     assert [m.split(":")[0] for m in messages[:2]] == ["image 0", "image 1"]
-    assert len(messages) == 3 and messages[2].startswith("5 images have inconsistent gt")
+    assert len(messages) == 3 and messages[2].startswith("5 images have inconsistent annotations")
 
 
 def test_predictions_stay_checked(tmp_path):

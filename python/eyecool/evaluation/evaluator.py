@@ -75,7 +75,7 @@ class PanopticEvaluator:
         gt_ann = self.gt_annotations[image_id]
         notes: List[str] = []
         gt_table = segment_table(gt_ann["segments_info"], self.categories, image_id, "gt", self.strict, notes)
-        pred_table = segment_table(segments_info, self.categories, image_id, "prediction")
+        pred_table = segment_table(segments_info, self.categories, image_id, "prediction", self.strict, notes)
         gt_ids = read_id_map(os.path.join(self.gt_folder, gt_ann["file_name"]), image_id)
         if isinstance(pred_id_map, np.ndarray):
             pred_id_map = torch.from_numpy(np.ascontiguousarray(pred_id_map))

@@ -26,8 +26,9 @@ Inconsistent ground truth is scored as panopticapi scores it (``strict=False``, 
 and ``PanopticEvaluator``), with a :class:`PanopticFormatWarning` naming the image and the segment: a gt PNG id
 that its ``segments_info`` does not list is neither void nor a segment (it matches nothing, is no false negative,
 and does not excuse a prediction lying on it), a listed gt segment missing from the PNG is a false negative (unless
-crowd), and a gt segment of a category the JSON does not list is such an unlisted id (panopticapi counts it under
-a category it never averages). ``strict=True`` refuses all of these with :class:`PanopticFormatError`, as
+crowd), a gt segment of a category the JSON does not list is such an unlisted id (panopticapi counts it under
+a category it never averages), and a segment id listed twice (gt or prediction) keeps its last entry.
+``strict=True`` refuses all of these with :class:`PanopticFormatError`, as
 ``eyecool validate-data`` does. Predictions are held to panopticapi's checks either way: a prediction PNG and its
 ``segments_info`` must agree and name known categories.
 """
@@ -60,9 +61,9 @@ class PanopticFormatError(ValueError):
 
 
 class PanopticFormatWarning(UserWarning):
-    """Inconsistent gt that :func:`pq_compute` scores as panopticapi does (``strict=False``): a gt PNG and its
-    ``segments_info`` disagree, or a gt segment has an unknown category. The message names the image and the
-    segment; ``strict=True`` raises :class:`PanopticFormatError` instead."""
+    """Inconsistent annotations that :func:`pq_compute` scores as panopticapi does (``strict=False``): a gt PNG and
+    its ``segments_info`` disagree, a gt segment has an unknown category, a segment id is listed twice. The
+    message names the image and the segment; ``strict=True`` raises :class:`PanopticFormatError` instead."""
 
 
 # At most this many PanopticFormatWarnings per pq_compute call name their image; one more gives the total.
@@ -128,10 +129,12 @@ def segment_table(segments_info: Sequence[Mapping], categories: CategoryTable, i
                   strict: bool = True, notes: Optional[List[str]] = None) -> SegmentTable:
     """``segments_info`` -> :class:`SegmentTable`; ``what`` ("gt" or "prediction") names the side in errors.
 
-    A segment whose ``category_id`` the categories do not list raises :class:`PanopticFormatError`; with
-    ``strict=False`` (meant for the gt side) it is left out of the table instead and a message naming it is
-    appended to ``notes``: its pixels are then an unlisted id, which is how panopticapi scores them (it counts
-    the segment under a category that it never averages). Segment id 0 and a repeated id raise either way.
+    With ``strict=True`` a segment whose ``category_id`` the categories do not list, a repeated id and id 0
+    raise :class:`PanopticFormatError`. With ``strict=False`` two of them are scored as panopticapi scores them,
+    with a message naming them appended to ``notes``: a repeated id keeps its last entry (panopticapi reads
+    segments_info into a dict), and a gt segment of an unknown category is left out of the table, so that its
+    pixels are an unlisted id (panopticapi counts it under a category that it never averages). A prediction of
+    an unknown category and id 0 raise either way (panopticapi raises KeyError for the former).
     """
     count = len(segments_info)
     ids = np.empty(count, dtype=np.int64)
@@ -144,12 +147,26 @@ def segment_table(segments_info: Sequence[Mapping], categories: CategoryTable, i
         category_ids[i] = seg["category_id"]
         iscrowd[i] = seg.get("iscrowd", 0) == 1
         area[i] = seg.get("area", 0)
+    if not strict and count > 1:
+        unique, first = np.unique(ids, return_index=True)
+        if len(unique) < count:
+            # panopticapi's {el["id"]: el for el in segments_info}: the last entry of an id, at the place of its
+            # first one (the order in which the crowd segments of a category overwrite one another).
+            last = count - 1 - np.unique(ids[::-1], return_index=True)[1]
+            counts = np.bincount(np.searchsorted(unique, ids))
+            if notes is not None:
+                notes.append(f"image {image_id}: {what} segments_info lists segment {int(unique[counts > 1][0])} "
+                             f"{int(counts[counts > 1][0])} times (repeated ids: {unique[counts > 1].tolist()}); "
+                             f"scored as panopticapi does: the last entry counts")
+            rows = last[np.argsort(first, kind="stable")]
+            ids, category_ids, iscrowd, area = ids[rows], category_ids[rows], iscrowd[rows], area[rows]
+            count = len(ids)
     category = categories.index(category_ids)
     if count and (category < 0).any():
         unknown = np.flatnonzero(category < 0)
         bad = int(unknown[0])
         message = f"image {image_id}: {what} segment {int(ids[bad])} has unknown category_id {int(category_ids[bad])}"
-        if strict:
+        if strict or what != "gt":
             raise PanopticFormatError(message)
         others = [f"{int(ids[i])} ({int(category_ids[i])})" for i in unknown[1:]]
         if notes is not None:
@@ -464,7 +481,8 @@ def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str
             notes: List[str] = []
             try:
                 gt_table = segment_table(gt_ann["segments_info"], categories, image_id, "gt", strict, notes)
-                pred_table = segment_table(pred_ann["segments_info"], categories, image_id, "prediction")
+                pred_table = segment_table(pred_ann["segments_info"], categories, image_id, "prediction", strict,
+                                           notes)
                 gt_table.packed(True), pred_table.packed(False)  # here, not in the workers
                 tables.append((gt_table, pred_table, notes))
             except Exception as exc:  # noqa: BLE001 - raised in image order, by collect()
@@ -517,8 +535,8 @@ def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str
         if pending is not None:
             collect(pending)
     if warned[0] > MAX_WARNINGS:
-        warnings.warn(f"{warned[0]} images have inconsistent gt (the first {MAX_WARNINGS} are named above); they are "
-                      f"scored as panopticapi scores them, strict=True refuses them", PanopticFormatWarning,
+        warnings.warn(f"{warned[0]} images have inconsistent annotations (the first {MAX_WARNINGS} are named above); "
+                      f"they are scored as panopticapi scores them, strict=True refuses them", PanopticFormatWarning,
                       stacklevel=3)
 
 
@@ -549,7 +567,8 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
         verbose: print the All / Things / Stuff table.
         strict: refuse inconsistent gt (:class:`PanopticFormatError`) instead of scoring it as panopticapi does:
             a gt PNG id missing from its ``segments_info``, a listed gt segment missing from its PNG (an empty
-            ``segments_info`` for a PNG with segments is the first case), a gt segment of an unknown category.
+            ``segments_info`` for a PNG with segments is the first case), a gt segment of an unknown category,
+            and (gt or prediction) a segment id listed twice.
             By default (False) these are scored as panopticapi scores them (see the module docstring), each
             image concerned with a :class:`PanopticFormatWarning` naming it and the segment (the first
             :data:`MAX_WARNINGS` images, then one warning with their number).
@@ -560,8 +579,8 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
 
     Raises:
         PanopticFormatError: a prediction PNG and its segments_info disagree, a predicted segment of an unknown
-            category (panopticapi raises KeyError for both), a size mismatch, a segment id 0 or a repeated id in
-            segments_info; with ``strict=True`` also the gt problems above.
+            category (panopticapi raises KeyError for both), a size mismatch, a segment id 0 in segments_info;
+            with ``strict=True`` also the problems above.
         FileNotFoundError: a folder or PNG is missing. ValueError: a gt image has no prediction.
     """
     start = time.perf_counter()

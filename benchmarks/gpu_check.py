@@ -583,12 +583,23 @@ def _free_gib(device) -> float:
     return free / 2**30
 
 
+# The CPU side of every slice: the compiled CPU op and the reference, both on the CPU (the slices are small).
+SLICE_APIS = ("cpu", "reference")
+
+
+def _slice_api(against: str):
+    from eyecool_ext import ops, reference
+
+    return ops if against == "cpu" else reference
+
+
 def _slice_rows(op: str, case: str, dtype, pairs: List[tuple], extra: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per (against, slice label, actual on the device, expected from that slice on the CPU)."""
     rows = []
-    for label, actual, expected in pairs:
+    for against, label, actual, expected in pairs:
         res = compare_tensors(actual, expected, dtype)
         rows.append({"op": op, "case": case, "dtype": str(dtype).replace("torch.", ""), "layout": "contiguous",
-                     "against": "cpu", "slice": label, "ok": res["ok"], "worst": res.get("worst"),
+                     "against": against, "slice": label, "ok": res["ok"], "worst": res.get("worst"),
                      "outputs": {label: {k: v for k, v in res.items() if k != "ok"}}, **extra})
     return rows
 
@@ -617,18 +628,20 @@ def large_fg_fusion(device: str, dtype, small: bool = False) -> List[Dict[str, A
     gpu_s = time.perf_counter() - t0
     pairs = []
     for corner, r0 in (("top_left", 0), ("bottom_right", hw - crop)):
-        sem_c = sem.detach()[:, :, r0:r0 + crop, r0:r0 + crop].cpu().to(calc).requires_grad_()
-        lv_c = [lv.detach()[:, :, r0 // f:(r0 + crop) // f, r0 // f:(r0 + crop) // f].cpu().to(calc).requires_grad_()
-                for lv, f in zip(levels, factors)]
-        gr_c = [gr[:, :, r0 // f:(r0 + crop) // f, r0 // f:(r0 + crop) // f].cpu().to(calc)
-                for gr, f in zip(grads, factors)]
-        exp = ops.fg_fusion(sem_c, lv_c, num_stuff, "logit")
-        torch.autograd.backward(exp, gr_c)
-        for i, f in enumerate(factors):
-            sl = (slice(None), slice(None), slice(r0 // f, (r0 + crop) // f), slice(r0 // f, (r0 + crop) // f))
-            pairs.append((f"{corner}/out{i}", outs[i].detach()[sl], exp[i]))
-            pairs.append((f"{corner}/grad_level{i}", levels[i].grad[sl], lv_c[i].grad))
-        pairs.append((f"{corner}/grad_sem", sem.grad[:, :, r0:r0 + crop, r0:r0 + crop], sem_c.grad))
+        for against in SLICE_APIS:
+            def crop_of(t, f):  # the crop's pixels at a level f times coarser, on the CPU in calc
+                return t.detach()[:, :, r0 // f:(r0 + crop) // f, r0 // f:(r0 + crop) // f].cpu().to(calc)
+
+            sem_c = crop_of(sem, 1).requires_grad_()
+            lv_c = [crop_of(lv, f).requires_grad_() for lv, f in zip(levels, factors)]
+            gr_c = [crop_of(gr, f) for gr, f in zip(grads, factors)]
+            exp = _slice_api(against).fg_fusion(sem_c, lv_c, num_stuff, "logit")
+            torch.autograd.backward(exp, gr_c)
+            for i, f in enumerate(factors):
+                sl = (slice(None), slice(None), slice(r0 // f, (r0 + crop) // f), slice(r0 // f, (r0 + crop) // f))
+                pairs.append((against, f"{corner}/out{i}", outs[i].detach()[sl], exp[i]))
+                pairs.append((against, f"{corner}/grad_level{i}", levels[i].grad[sl], lv_c[i].grad))
+            pairs.append((against, f"{corner}/grad_sem", sem.grad[:, :, r0:r0 + crop, r0:r0 + crop], sem_c.grad))
     shape = f"sem {list(sem.shape)} ({sem.numel():.3g} elements)"
     return _slice_rows("fg_fusion", "large_>2^31", dtype, pairs, {"shape": shape, "gpu_seconds": round(gpu_s, 3)})
 
@@ -661,11 +674,13 @@ def large_roi_align(device: str, dtype, small: bool = False) -> List[Dict[str, A
         rois_b = rois[sel].cpu().to(calc)
         rois_b[:, 0] = 0
         for c0, c1 in ((0, 4), (c - 4, c)):
-            xs = x.detach()[b:b + 1, c0:c1].cpu().to(calc).requires_grad_()
-            exp = ops.roi_align(xs, rois_b, 7, 1.0, 2, True)
-            exp.backward(grad[sel, c0:c1].cpu().to(calc))
-            pairs.append((f"image{b}/channels{c0}-{c1 - 1}/out", out.detach()[sel, c0:c1], exp))
-            pairs.append((f"image{b}/channels{c0}-{c1 - 1}/grad_input", x.grad[b:b + 1, c0:c1], xs.grad))
+            for against in SLICE_APIS:
+                xs = x.detach()[b:b + 1, c0:c1].cpu().to(calc).requires_grad_()
+                exp = _slice_api(against).roi_align(xs, rois_b, 7, 1.0, 2, True)
+                exp.backward(grad[sel, c0:c1].cpu().to(calc))
+                label = f"image{b}/channels{c0}-{c1 - 1}"
+                pairs.append((against, f"{label}/out", out.detach()[sel, c0:c1], exp))
+                pairs.append((against, f"{label}/grad_input", x.grad[b:b + 1, c0:c1], xs.grad))
     shape = f"input {list(x.shape)} ({x.numel():.3g} elements)"
     return _slice_rows("roi_align", "large_>2^31", dtype, pairs, {"shape": shape, "gpu_seconds": round(gpu_s, 3)})
 
@@ -696,13 +711,15 @@ def large_deform_conv2d(device: str, dtype, small: bool = False) -> List[Dict[st
     gpu_s = time.perf_counter() - t0
     pairs = []
     for i in (0, n // 2 - 1, n - 1):
-        xs, os_, ms = (t.detach()[i:i + 1].cpu().to(calc).requires_grad_() for t in (x, offset, mask))
-        ws, bs = weight.detach().cpu().to(calc), bias.detach().cpu().to(calc)
-        exp = ops.deform_conv2d(xs, os_, ws, bs, 2, 1, 1, ms)
-        exp.backward(grad[i:i + 1].cpu().to(calc))
-        pairs += [(f"image{i}/out", out.detach()[i:i + 1], exp), (f"image{i}/grad_input", x.grad[i:i + 1], xs.grad),
-                  (f"image{i}/grad_offset", offset.grad[i:i + 1], os_.grad),
-                  (f"image{i}/grad_mask", mask.grad[i:i + 1], ms.grad)]
+        for against in SLICE_APIS:
+            xs, os_, ms = (t.detach()[i:i + 1].cpu().to(calc).requires_grad_() for t in (x, offset, mask))
+            ws, bs = weight.detach().cpu().to(calc), bias.detach().cpu().to(calc)
+            exp = _slice_api(against).deform_conv2d(xs, os_, ws, bs, 2, 1, 1, ms)
+            exp.backward(grad[i:i + 1].cpu().to(calc))
+            pairs += [(against, f"image{i}/out", out.detach()[i:i + 1], exp),
+                      (against, f"image{i}/grad_input", x.grad[i:i + 1], xs.grad),
+                      (against, f"image{i}/grad_offset", offset.grad[i:i + 1], os_.grad),
+                      (against, f"image{i}/grad_mask", mask.grad[i:i + 1], ms.grad)]
     shape = f"input {list(x.shape)} ({x.numel():.3g} elements)"
     return _slice_rows("deform_conv2d", "large_>2^31", dtype, pairs, {"shape": shape, "gpu_seconds": round(gpu_s, 3)})
 

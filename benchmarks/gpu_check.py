@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -1099,7 +1100,11 @@ def find_compute_sanitizer() -> Optional[str]:
     exe = shutil.which("compute-sanitizer")
     if exe:
         return exe
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+    import glob
+
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    roots += sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + sorted(glob.glob("/opt/nvidia/*"), reverse=True)
+    for root in roots:
         if root:
             for rel in ("bin/compute-sanitizer", "compute-sanitizer/compute-sanitizer"):
                 cand = os.path.join(root, rel)
@@ -1194,16 +1199,15 @@ def step_tests(timeout: float, work: str, quick: bool) -> Dict[str, Any]:
     # devices and test_cuda_emulation.py, present when the build has it), which is the GPU-less machines' check.
     cmd = [sys.executable, "-m", "pytest", "tests/ops", "-q", "-k", "cuda and not emulat", "-p", "no:cacheprovider"]
     res = _run(cmd, timeout, os.path.join(work, "tests.log"))
-    last = [line for line in _tail(res["log"], 30).splitlines() if " in " in line and ("passed" in line or
-                                                                                         "failed" in line or
-                                                                                         "error" in line)]
-    res["summary"] = last[-1].strip("= ") if last else None
+    # pytest's last line: "[=== ]12 passed, 3 skipped, 900 deselected in 41.20s[ ===]" (any of the counts).
+    pattern = re.compile(r"^=*\s*((?:\d+ \w+)(?:, \d+ \w+)*) in [\d.]+s")
+    last = [m for m in (pattern.match(line.strip()) for line in _tail(res["log"], 30).splitlines()) if m]
+    res["summary"] = last[-1].group(0).strip("= ") if last else None
     counts = {}
-    if res["summary"]:
-        for part in res["summary"].split(" in ")[0].split(","):
-            bits = part.strip().split()
-            if len(bits) == 2 and bits[0].isdigit():
-                counts[bits[1]] = int(bits[0])
+    if last:
+        for part in last[-1].group(1).split(","):
+            number, word = part.split()
+            counts[word] = int(number)
     res["counts"] = counts
     # pytest exits 0 only when something ran and nothing failed; "0 selected" (exit 5) means the CUDA
     # parametrisations were missing, which is a failure here.

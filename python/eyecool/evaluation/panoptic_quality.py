@@ -147,20 +147,20 @@ def segment_table(segments_info: Sequence[Mapping], categories: CategoryTable, i
         category_ids[i] = seg["category_id"]
         iscrowd[i] = seg.get("iscrowd", 0) == 1
         area[i] = seg.get("area", 0)
-    if not strict and count > 1:
+    # (a set of a few dozen ints is the cheapest test: this runs for every image, the repeats almost never)
+    if not strict and count > 1 and len(set(ids.tolist())) < count:
         unique, first = np.unique(ids, return_index=True)
-        if len(unique) < count:
-            # panopticapi's {el["id"]: el for el in segments_info}: the last entry of an id, at the place of its
-            # first one (the order in which the crowd segments of a category overwrite one another).
-            last = count - 1 - np.unique(ids[::-1], return_index=True)[1]
-            counts = np.bincount(np.searchsorted(unique, ids))
-            if notes is not None:
-                notes.append(f"image {image_id}: {what} segments_info lists segment {int(unique[counts > 1][0])} "
-                             f"{int(counts[counts > 1][0])} times (repeated ids: {unique[counts > 1].tolist()}); "
-                             f"scored as panopticapi does: the last entry counts")
-            rows = last[np.argsort(first, kind="stable")]
-            ids, category_ids, iscrowd, area = ids[rows], category_ids[rows], iscrowd[rows], area[rows]
-            count = len(ids)
+        # panopticapi's {el["id"]: el for el in segments_info}: the last entry of an id, at the place of its
+        # first one (the order in which the crowd segments of a category overwrite one another).
+        last = count - 1 - np.unique(ids[::-1], return_index=True)[1]
+        counts = np.bincount(np.searchsorted(unique, ids))
+        if notes is not None:
+            notes.append(f"image {image_id}: {what} segments_info lists segment {int(unique[counts > 1][0])} "
+                         f"{int(counts[counts > 1][0])} times (repeated ids: {unique[counts > 1].tolist()}); "
+                         f"scored as panopticapi does: the last entry counts")
+        rows = last[np.argsort(first, kind="stable")]
+        ids, category_ids, iscrowd, area = ids[rows], category_ids[rows], iscrowd[rows], area[rows]
+        count = len(ids)
     category = categories.index(category_ids)
     if count and (category < 0).any():
         unknown = np.flatnonzero(category < 0)

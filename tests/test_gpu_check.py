@@ -194,6 +194,14 @@ def test_large_input_slicing_at_small_shapes(name):
 
 
 @pytest.mark.skipif(not __import__("eyecool_ext").compiled(), reason="compiled extension not loaded")
+def test_large_cases_runner_at_small_shapes():
+    rows = gpu_check.run_large_cases("cpu", small=True)
+    assert {r["op"] for r in rows} == {"fg_fusion", "roi_align", "deform_conv2d"}
+    assert all(r["ok"] and not r.get("skipped") and r["seconds"] >= 0 for r in rows), [
+        r for r in rows if not r["ok"]]
+
+
+@pytest.mark.skipif(not __import__("eyecool_ext").compiled(), reason="compiled extension not loaded")
 def test_smoke_calls_every_op():
     # What compute-sanitizer runs on the GPU, here on the CPU op: it must get through every case.
     assert gpu_check.smoke("cpu") >= 30

@@ -1292,7 +1292,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", default=os.path.join("bench_out", "gpu_check.json"), help="report path")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="cpu: self-test of the compare and bench harness on the CPU (no build, no sanitizer)")
+                   help="cpu: self-test of the compare and bench harness on the CPU (no build, no sanitizer, no "
+                        "tests); the 'device' side is then the CPU op itself, so only its reference comparisons "
+                        "are informative")
     p.add_argument("--quick", action="store_true", help="small shapes, no >2^31 inputs (self-test)")
     p.add_argument("--skip-build", action="store_true", help="use the extension already built in place")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {STEPS}")

@@ -51,11 +51,11 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
         (``W_out`` likewise). Differentiable in input, offset, weight, bias and mask.
 
     Raises:
-        ShapeError: a shape, dtype or device that does not fit, with the expected and the given shapes. It is a
-            ValueError and also a RuntimeError, the type torchvision raises for wrongly sized inputs, so code
-            written for either catches it (the messages are eyecool's: they name the argument, the expected and
-            the given shape, where torchvision's say e.g. "the shape of the offset tensor at dimension 1 is not
-            valid" or "mask.shape[1] is not valid").
+        ShapeError (``eyecool_ext._utils``): a shape, dtype or device that does not fit, with the expected and
+            the given shapes. It is a ValueError and also a RuntimeError, the type torchvision raises for wrongly
+            sized inputs, so code written for either catches it (the messages are eyecool's: they name the
+            argument, the expected and the given shape, where torchvision's say e.g. "the shape of the offset
+            tensor at dimension 1 is not valid" or "mask.shape[1] is not valid").
 
     TorchScript: ``torch.jit.script`` compiles this function (and ``DeformConv2d``) to a direct call of
     ``torch.ops.eyecool.deform_conv2d``; scripted code needs the compiled extension, and the kernel's own checks

@@ -51,8 +51,9 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: Br
         ``Tensor[K, C, ph, pw]``.
 
     Raises:
-        BoxesShapeError: ``boxes`` is neither ``Tensor[K, 5]`` nor a list of ``Tensor[L, 4]``; a ValueError that
-            is also an AssertionError (what torchvision raises there), so either ``except`` catches it.
+        BoxesShapeError (``eyecool_ext._utils``): ``boxes`` is neither ``Tensor[K, 5]`` nor a list of
+            ``Tensor[L, 4]``; a ValueError that is also an AssertionError (what torchvision raises there), so
+            either ``except`` catches it.
         ValueError: a bad ``output_size``, boxes on another device. RuntimeError (from the kernel): another dtype,
             a batch index out of range.
 

@@ -8,6 +8,7 @@ differs, the test says so and checks eyecool's documented behaviour instead.
 """
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from typing import List
@@ -169,6 +170,10 @@ def test_roi_align_script_matches_eager_and_accepts_int_scale():
     torch.testing.assert_close(scripted(x, rois, 3, 0.5, 2, True), ops.roi_align(x, rois, 3, 0.5, 2, True))
     module = torch.jit.script(ops.RoIAlign(3, 1, 2))
     torch.testing.assert_close(module(x, rois), ops.roi_align(x, rois, 3, 1.0, 2))
+    buffer = io.BytesIO()  # a scripted module saves and loads (the op is found by its schema name)
+    torch.jit.save(module, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x, rois), module(x, rois))
     with pytest.raises(torch.jit.Error, match=r"Tensor\[K, 5\]"):
         scripted(x, rois[:, 1:], 3)
 

@@ -24,7 +24,7 @@ from eyecool_ext import _extension, ops
 from op_tester import needs_compiled
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.(script|save|load)` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*:UserWarning"),
 ]

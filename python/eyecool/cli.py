@@ -18,6 +18,7 @@ COMMANDS = {
     "demo": "eyecool.engine.cli",
     "ablate": "eyecool.engine.ablation",
     "pq": "eyecool.evaluation.cli",
+    "export": "eyecool.engine.cli",
 }
 
 

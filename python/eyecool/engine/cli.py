@@ -6,6 +6,7 @@
     eyecool eval --config configs/eyecool_r50_dam.yaml --weights out/r50/model_final.pth --out out/r50_eval
     eyecool predict --config configs/demo.yaml --weights out/demo/model_final.pth a.jpg b.jpg --out vis/
     eyecool demo --out out/demo
+    eyecool export --weights out/demo/model_final.pth --out out/demo/model.onnx
 """
 from __future__ import annotations
 
@@ -73,6 +74,23 @@ def add_parser(subparsers) -> None:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
     demo.set_defaults(func=_demo)
 
+    export = subparsers.add_parser(
+        "export", help="a checkpoint -> an ONNX file for onnxruntime (or a torch.export program)",
+        description="Export the trained network's inference graph (eyecool.export): ONNX (DeformConv, RoiAlign, "
+                    "NonMaxSuppression; the panoptic merge is Python post-processing, "
+                    "eyecool.export.OnnxPanopticPredictor) or a torch.export program (.pt2).")
+    export.add_argument("--weights", required=True, help="checkpoint (.pth), e.g. out/demo/model_final.pth")
+    export.add_argument("--config", default=None,
+                        help="YAML configuration (default: the config.yaml that training wrote beside --weights)")
+    export.add_argument("--out", required=True, help="the file to write (.onnx, or .pt2 with --format torch-export)")
+    export.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="largest (resized) input image; default data.max_size x data.max_size")
+    export.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
+    export.add_argument("--no-verify", action="store_true",
+                        help="skip running the ONNX file in onnxruntime against the eager network")
+    export.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
+    export.set_defaults(func=_export)
+
 
 def _train(args) -> int:
     from eyecool.engine.api import train
@@ -85,6 +103,18 @@ def _train(args) -> int:
                                                          f"solver.lr={lr}"])
     train(cfg, args.out, resume=args.resume)
     _end_process_group()
+    return 0
+
+
+def _export(args) -> int:
+    from eyecool.export import export_checkpoint
+
+    config = args.config or os.path.join(os.path.dirname(os.path.abspath(args.weights)), "config.yaml")
+    if not os.path.isfile(config):
+        raise SystemExit(f"eyecool export: no configuration: {config} does not exist (pass --config)")
+    result = export_checkpoint(_load(config, args.overrides), args.weights, args.out, args.size, fmt=args.format,
+                               verify=args.format == "onnx" and not args.no_verify)
+    print(json.dumps(result))
     return 0
 
 

@@ -53,9 +53,10 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     Raises:
         ShapeError (``eyecool_ext._utils``): a shape, dtype or device that does not fit, with the expected and
             the given shapes. It is a ValueError and also a RuntimeError, the type torchvision raises for wrongly
-            sized inputs, so code written for either catches it (the messages are eyecool's: they name the
-            argument, the expected and the given shape, where torchvision's say e.g. "the shape of the offset
-            tensor at dimension 1 is not valid" or "mask.shape[1] is not valid").
+            sized inputs, so code written for either catches it. The message names the argument, the expected
+            and the given shape; for offsets or a mask with the wrong number of channels it leads with
+            torchvision's words ("the shape of the offset tensor at dimension 1 is not valid", "mask.shape[1] is
+            not valid"), and those come first, as in torchvision, when a call has other problems too.
 
     TorchScript: ``torch.jit.script`` compiles this function (and ``DeformConv2d``) to a direct call of
     ``torch.ops.eyecool.deform_conv2d``; scripted code needs the compiled extension, and the kernel's own checks
@@ -79,13 +80,42 @@ def _deform_conv2d_eager(input, offset, weight, bias, stride, padding, dilation,
     try:
         shape = check_deform_conv2d_args(input, offset, weight, bias, stride, padding, dilation, mask)
     except ValueError as exc:
-        raise ShapeError(str(exc)) from None
+        raise ShapeError(_in_torchvision_order(str(exc), offset, weight, mask)) from None
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
     if not _extension.use_compiled("deform_conv2d", *tensors):
         return reference.deform_conv2d(input, offset, weight, bias, shape.stride, shape.padding, shape.dilation,
                                        mask)
     return torch.ops.eyecool.deform_conv2d(input, offset, weight, mask, bias, list(shape.stride),
                                            list(shape.padding), list(shape.dilation))
+
+
+def _in_torchvision_order(message: str, offset, weight, mask) -> str:
+    """The error to report for a call that fails the checks: torchvision checks the offset's channels first (in
+    Python), then the mask's channels (in C++) before the dtypes, and says "the shape of the offset tensor at
+    dimension 1 is not valid" / "mask.shape[1] is not valid"; so the message leads with the problem torchvision
+    would report, in its words, followed by eyecool's (expected and given shapes). Runs on the error path only."""
+    try:
+        taps = int(weight.shape[2]) * int(weight.shape[3])
+        channels = int(offset.shape[1])
+        if offset.dim() != 4 or weight.dim() != 4 or taps == 0:
+            return message
+        if channels == 0 or channels % (2 * taps):
+            head = "deform_conv2d: the shape of the offset tensor at dimension 1 is not valid: "
+            if "offset must have 2 * offset_groups * kh * kw" in message:
+                return head + message[len("deform_conv2d: "):]
+            return (head + f"offset must have 2 * offset_groups * kh * kw = a positive multiple of {2 * taps} "
+                    f"channels for a {weight.shape[2]}x{weight.shape[3]} kernel, got offset {tuple(offset.shape)} "
+                    f"(and: {message})")
+        expected = channels // 2
+        if mask is not None and mask.dim() == 4 and int(mask.shape[1]) != expected:
+            head = "deform_conv2d: mask.shape[1] is not valid: "
+            if message.startswith("deform_conv2d: mask must have shape"):
+                return head + message[len("deform_conv2d: "):]
+            return (head + f"mask must have offset_groups * kh * kw = {expected} channels, got mask "
+                    f"{tuple(mask.shape)} (and: {message})")
+    except (AttributeError, IndexError, TypeError):  # not tensors of the expected rank: the message stands
+        pass
+    return message
 
 
 if _extension.has_op("deform_conv2d"):

@@ -340,19 +340,20 @@ def test_deform_conv_forward(contiguous, batch_sz):
 
 def test_deform_conv_wrong_sizes():
     """TestDeformConv.test_wrong_sizes: the same error type as torchvision (RuntimeError) for offsets with too few
-    channels and a mask with the wrong number of channels; eyecool's messages name the expected shape."""
+    channels and a mask with the wrong number of channels, led by torchvision's words for the problem it reports
+    first (its calls use a float32 layer on float64 inputs, which both also refuse, later); then eyecool's
+    message with the expected shape."""
     x, _, offset, mask, _, stride, padding, dilation = _deform_args(10, True)
     layer = ops.DeformConv2d(6, 2, (3, 2), stride=stride, padding=padding, dilation=dilation, groups=2)
     with torch.no_grad():
-        # torchvision's exact calls (a float32 layer on float64 inputs, which eyecool also refuses)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="the shape of the offset"):
             layer(x, torch.rand_like(offset[:, :2]))
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match=r"mask.shape\[1\] is not valid"):
             layer(x, offset, torch.rand_like(mask[:, :2]))
         layer = layer.double()
         with pytest.raises(RuntimeError, match=r"offset must have 2 \* offset_groups \* kh \* kw"):
             layer(x, torch.rand_like(offset[:, :2]))
-        with pytest.raises(RuntimeError, match=r"mask must have shape \(10, 18, 2, 3\)"):
+        with pytest.raises(RuntimeError, match=r"mask.shape\[1\] is not valid: mask must have shape \(10, 18, 2, 3\)"):
             layer(x, offset, torch.rand_like(mask[:, :2]))
         with pytest.raises(ValueError, match="mask"):  # the same errors are ValueErrors for eyecool's callers
             layer(x, offset, torch.rand_like(mask[:, :2]))

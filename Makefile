@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 # The extension is rebuilt when the build switches change, not only when sources do.
-BUILD_CONFIG := FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) DEBUG=$(DEBUG) NVCC_FLAGS=$(NVCC_FLAGS)
+# The developer build also compiles the CUDA kernels as host code (torch.ops.eyecool_emu.*), which the tests run.
+EYECOOL_CUDA_EMULATION ?= 1
+export EYECOOL_CUDA_EMULATION
+BUILD_CONFIG := FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) DEBUG=$(DEBUG) NVCC_FLAGS=$(NVCC_FLAGS) EYECOOL_CUDA_EMULATION=$(EYECOOL_CUDA_EMULATION)
 CONFIG_STAMP := build/.build-config
 PYTEST_ARGS ?=
 

@@ -4,7 +4,9 @@ CUDA sources (``csrc/cuda/*.cu``) are compiled when torch sees a GPU and a CUDA 
 ``FORCE_CUDA=1``; otherwise a CPU-only extension is built, and it works fully.
 
 Switches (environment variables): FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST="8.0;9.0", MAX_JOBS=N, DEBUG=1
-(-O0 -g), NVCC_FLAGS="extra nvcc flags". The resolved configuration is printed at build time.
+(-O0 -g), NVCC_FLAGS="extra nvcc flags", EYECOOL_CUDA_EMULATION=1 (also compile the CUDA kernels as host code,
+``torch.ops.eyecool_emu.*``, so that their launch and indexing code is tested on the CPU; ``make install`` sets
+it, a plain ``pip install`` does not). The resolved configuration is printed at build time.
 """
 import glob
 import importlib.util
@@ -71,6 +73,7 @@ def build_extensions(cuda_home):
 
     force_cuda = _env_flag("FORCE_CUDA")
     debug = _env_flag("DEBUG")
+    emulation = _env_flag("EYECOOL_CUDA_EMULATION")
     use_cuda = cuda_home is not None and (force_cuda or torch.cuda.is_available())
     if force_cuda and cuda_home is None:
         sys.exit(
@@ -83,6 +86,10 @@ def build_extensions(cuda_home):
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-fopenmp", "-DEYECOOL_BUILD"]
     define_macros = []
+    if emulation:
+        # The host-compiled copies of csrc/cuda/*.cu (each csrc/emulation/<op>.cpp includes its .cu file).
+        sources += sorted(glob.glob(os.path.join("csrc", "emulation", "*.cpp")))
+        define_macros.append(("EYECOOL_WITH_CUDA_EMULATION", None))
     # libdl: dlopen of libdeflate at run time (csrc/cpu/libdeflate_runtime.cpp; part of libc since glibc 2.34).
     extra_link = ["-fopenmp", "-ldl"]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -114,6 +121,7 @@ def build_extensions(cuda_home):
     print(f"  TORCH_CUDA_ARCH_LIST {os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}")
     print(f"  MAX_JOBS            {os.environ.get('MAX_JOBS', '(all cores)')}")
     print(f"  DEBUG               {int(debug)}")
+    print(f"  CUDA emulation      {int(emulation)} (EYECOOL_CUDA_EMULATION)")
     print(f"  cxx flags           {' '.join(cxx_flags)}")
     if use_cuda:
         print(f"  nvcc flags          {' '.join(nvcc_flags)}")

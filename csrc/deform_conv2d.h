@@ -3,9 +3,12 @@
 // sampling coordinates.
 //
 // Semantics are torchvision's: a sample at or beyond one pixel outside the image (y <= -1, y >= H, x <= -1,
-// x >= W) is zero and has zero gradient; inside that band, taps that fall outside the image read zero (zero
-// padding, unlike ROIAlign's edge clamping). The coordinate gradient is the derivative of the bilinear form
-// on the cell [y_low, y_low + 1] x [x_low, x_low + 1], also at integer positions.
+// x >= W) is zero and has zero input and mask gradients; inside that band, taps that fall outside the image read
+// zero (zero padding, unlike ROIAlign's edge clamping). The coordinate gradient is the derivative of the bilinear
+// form on the cell [y_low, y_low + 1] x [x_low, x_low + 1] with those zero taps, also at integer positions, and
+// (as torchvision computes it, with no band test) also on row -1 and column -1 exactly: there the cell's far
+// side is the image's border, so d value / d y is the border row's value. That is every DCN's state at
+// initialisation (zero offsets, padding >= 1), so it decides the offset convolution's first gradients.
 #pragma once
 
 #include <cmath>
@@ -28,7 +31,8 @@ struct DeformTaps {
   T ly, lx;          // fractional position inside the cell
   T w1, w2, w3, w4;  // (y_low, x_low), (y_low, x_high), (y_high, x_low), (y_high, x_high); 0 for taps outside
   bool in1, in2, in3, in4;
-  bool any;          // false when the sample is wholly outside: value and every gradient are 0
+  bool any;          // strictly inside the band (-1, H) x (-1, W): false means value, input and mask gradients are 0
+  bool touches;      // in [-1, H) x [-1, W): the coordinate gradient may be nonzero (any, or row/column -1 exactly)
 };
 
 // Sampling position of kernel row i (column j) of output row oy (column ox): the regular convolution grid plus
@@ -42,13 +46,14 @@ EYECOOL_HD T deform_sampling_position(int64_t out_index, int64_t kernel_index, i
 template <typename T>
 EYECOOL_HD DeformTaps<T> deform_bilinear_taps(int64_t height, int64_t width, T y, T x) {
   DeformTaps<T> t;
-  // The negated comparison also rejects NaN positions.
-  if (!(y > (T)-1 && y < (T)height && x > (T)-1 && x < (T)width)) {
+  // The negated comparison also rejects NaN positions. An empty input (height or width 0) has no tap to read:
+  // every sample is outside (value 0, no gradient), and no clamped index can reach row or column -1.
+  if (!(y >= (T)-1 && y < (T)height && x >= (T)-1 && x < (T)width) || height <= 0 || width <= 0) {
     t.y_low = t.x_low = t.y_high = t.x_high = 0;
     t.ly = t.lx = (T)0;
     t.w1 = t.w2 = t.w3 = t.w4 = (T)0;
     t.in1 = t.in2 = t.in3 = t.in4 = false;
-    t.any = false;
+    t.any = t.touches = false;
     return t;
   }
   const T fy = floor(y), fx = floor(x);
@@ -71,7 +76,9 @@ EYECOOL_HD DeformTaps<T> deform_bilinear_taps(int64_t height, int64_t width, T y
   t.x_low = x0_in ? x0 : 0;
   t.y_high = y1_in ? y1 : height - 1;
   t.x_high = x1_in ? x1 : width - 1;
-  t.any = true;
+  t.touches = true;
+  // On row -1 or column -1 exactly, the taps inside the image have weight 0 (ly or lx is 0): the value is 0.
+  t.any = y > (T)-1 && x > (T)-1;
   return t;
 }
 
@@ -79,14 +86,15 @@ EYECOOL_HD DeformTaps<T> deform_bilinear_taps(int64_t height, int64_t width, T y
 // the values, so it also turns four channel sums sum_c g_c v_i[c] into sum_c g_c value[c] (the mask gradient).
 template <typename T>
 EYECOOL_HD T deform_bilinear_value(const DeformTaps<T>& t, T v1, T v2, T v3, T v4) {
-  return t.w1 * v1 + t.w2 * v2 + t.w3 * v3 + t.w4 * v4;
+  // Exactly 0 off the band, also for infinite values (whose product with a zero weight would be NaN).
+  return t.any ? t.w1 * v1 + t.w2 * v2 + t.w3 * v3 + t.w4 * v4 : T(0);
 }
 
 // d value / d y and d value / d x from the four tap values. Taps outside the image read 0. Like
 // deform_bilinear_value it is linear in the values, so the CPU kernel feeds it channel sums.
 template <typename T>
 EYECOOL_HD void deform_coordinate_gradient(const DeformTaps<T>& t, T v1, T v2, T v3, T v4, T* grad_y, T* grad_x) {
-  if (!t.any) {
+  if (!t.touches) {
     *grad_y = (T)0;
     *grad_x = (T)0;
     return;
@@ -109,6 +117,21 @@ struct DeformConv2dShape {
   int64_t groups, offset_groups;
   int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
 };
+
+// (size + 2 * pad - (dilation * (kernel - 1) + 1)) / stride + 1 in checked arithmetic: a padding or dilation near
+// 2^63 is refused here instead of overflowing (and every sampling position the kernels compute later lies within
+// [-pad, size + pad], so it cannot overflow either).
+inline int64_t deform_conv2d_output_size(int64_t size, int64_t pad, int64_t dilation, int64_t kernel, int64_t stride,
+                                         const char* axis) {
+  int64_t padded = 0, span = 0, out = 0;
+  const bool overflow = __builtin_mul_overflow(pad, int64_t(2), &padded) ||
+                        __builtin_add_overflow(padded, size, &padded) ||
+                        __builtin_mul_overflow(dilation, kernel - 1, &span) ||
+                        __builtin_add_overflow(span, int64_t(1), &span) || __builtin_sub_overflow(padded, span, &out);
+  TORCH_CHECK(!overflow, "deform_conv2d: padding ", pad, " and dilation ", dilation, " along the ", axis,
+              " overflow int64 in the output size");
+  return out / stride + 1;  // torchvision's formula, truncating division included
+}
 
 inline DeformConv2dShape check_deform_conv2d_inputs(const at::Tensor& input, const at::Tensor& offset,
                                                     const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
@@ -159,8 +182,8 @@ inline DeformConv2dShape check_deform_conv2d_inputs(const at::Tensor& input, con
   TORCH_CHECK(s.in_channels % s.offset_groups == 0, "deform_conv2d: input channels (", s.in_channels,
               ") must be divisible by the ", s.offset_groups, " offset groups that offset ", offset.sizes(),
               " implies");
-  s.out_h = (s.height + 2 * s.pad_h - (s.dilation_h * (s.kernel_h - 1) + 1)) / s.stride_h + 1;
-  s.out_w = (s.width + 2 * s.pad_w - (s.dilation_w * (s.kernel_w - 1) + 1)) / s.stride_w + 1;
+  s.out_h = deform_conv2d_output_size(s.height, s.pad_h, s.dilation_h, s.kernel_h, s.stride_h, "height");
+  s.out_w = deform_conv2d_output_size(s.width, s.pad_w, s.dilation_w, s.kernel_w, s.stride_w, "width");
   TORCH_CHECK(s.out_h > 0 && s.out_w > 0, "deform_conv2d: the output would be empty (", s.out_h, "x", s.out_w,
               ") for input ", input.sizes(), " and weight ", weight.sizes());
   TORCH_CHECK(offset.size(0) == s.batch && offset.size(2) == s.out_h && offset.size(3) == s.out_w,

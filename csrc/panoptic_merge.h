@@ -53,13 +53,24 @@ EYECOOL_HD bool box_holds_pixel(T x1, T y1, T x2, T y2, int64_t px, int64_t py) 
 // does with align_corners=False: ((g + 1) * size - 1) / 2.
 template <typename T>
 EYECOOL_HD T mask_source_coord(T centre, T low, T high, int64_t size) {
-  const T g = ((centre - low) / (high - low)) * T(2) - T(1);
-  return ((g + T(1)) * static_cast<T>(size) - T(1)) / T(2);
+  // mul_rn: an FMA here (nvcc's default) would move pixels across mask cells at near-ties, changing labels.
+  const T g = mul_rn((centre - low) / (high - low), T(2)) - T(1);
+  return (mul_rn(g + T(1), static_cast<T>(size)) - T(1)) / T(2);
+}
+
+// A mask source coordinate, or -2 (both taps outside the mask: it samples 0) when it is not within [-1, size]: for
+// a pixel inside a box it lies in [-0.5, size), unless a side of the box is infinite or NaN, which makes it NaN.
+// Moved before any integer conversion (converting NaN is undefined on the host).
+template <typename T>
+EYECOOL_HD T finite_mask_coord(T coord, int64_t size) {
+  return (coord >= T(-1) && coord <= static_cast<T>(size)) ? coord : T(-2);
 }
 
 // Bilinear sample of a [height, width] mask at (iy, ix) with zero padding (grid_sample's "zeros").
 template <typename T, typename scalar_t>
 EYECOOL_HD T mask_bilinear_zeros(const scalar_t* mask, int64_t height, int64_t width, T iy, T ix) {
+  iy = finite_mask_coord(iy, height);
+  ix = finite_mask_coord(ix, width);
   const T fx = floor(ix), fy = floor(iy);
   const int64_t x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy);
   const int64_t x1 = x0 + 1, y1 = y0 + 1;
@@ -68,10 +79,10 @@ EYECOOL_HD T mask_bilinear_zeros(const scalar_t* mask, int64_t height, int64_t w
   const bool in_x0 = x0 >= 0 && x0 < width, in_x1 = x1 >= 0 && x1 < width;
   const bool in_y0 = y0 >= 0 && y0 < height, in_y1 = y1 >= 0 && y1 < height;
   T value = T(0);
-  if (in_y0 && in_x0) value += static_cast<T>(mask[y0 * width + x0]) * (north * west);
-  if (in_y0 && in_x1) value += static_cast<T>(mask[y0 * width + x1]) * (north * east);
-  if (in_y1 && in_x0) value += static_cast<T>(mask[y1 * width + x0]) * (south * west);
-  if (in_y1 && in_x1) value += static_cast<T>(mask[y1 * width + x1]) * (south * east);
+  if (in_y0 && in_x0) value += mul_rn(static_cast<T>(mask[y0 * width + x0]), north * west);
+  if (in_y0 && in_x1) value += mul_rn(static_cast<T>(mask[y0 * width + x1]), north * east);
+  if (in_y1 && in_x0) value += mul_rn(static_cast<T>(mask[y1 * width + x0]), south * west);
+  if (in_y1 && in_x1) value += mul_rn(static_cast<T>(mask[y1 * width + x1]), south * east);
   return value;
 }
 
@@ -86,7 +97,7 @@ struct ResizeTaps {
 template <typename T>
 EYECOOL_HD ResizeTaps<T> resize_taps(int64_t dst, int64_t in_size, int64_t out_size) {
   const T scale = static_cast<T>(in_size) / static_cast<T>(out_size);
-  T src = scale * (static_cast<T>(dst) + T(0.5)) - T(0.5);
+  T src = mul_rn(scale, static_cast<T>(dst) + T(0.5)) - T(0.5);
   if (src < T(0)) src = T(0);
   ResizeTaps<T> t;
   t.low = static_cast<int64_t>(src);
@@ -109,8 +120,8 @@ struct SemanticPixel {
   EYECOOL_HD T operator()(int64_t c) const {
     const scalar_t* p = data + c * plane;
     if (!resized) return static_cast<T>(p[o00]);
-    return w00 * static_cast<T>(p[o00]) + w01 * static_cast<T>(p[o01]) + w10 * static_cast<T>(p[o10]) +
-           w11 * static_cast<T>(p[o11]);
+    return mul_rn(w00, static_cast<T>(p[o00])) + mul_rn(w01, static_cast<T>(p[o01])) +
+           mul_rn(w10, static_cast<T>(p[o10])) + mul_rn(w11, static_cast<T>(p[o11]));
   }
 };
 
@@ -216,6 +227,7 @@ inline void check_panoptic_merge_inputs(const at::Tensor& sem_logits, int64_t nu
   check_same_device(sem_logits, "sem_logits", mask_logits, "mask_logits");
   TORCH_CHECK(height >= 0 && width >= 0, "upsnet_panoptic_merge: the output size must be non-negative, got (",
               height, ", ", width, ")");
+  check_allocation({height, width}, sizeof(int64_t), "upsnet_panoptic_merge", "the output labels [height, width]");
   TORCH_CHECK((height == 0 && width == 0) || (sem_logits.size(1) > 0 && sem_logits.size(2) > 0),
               "upsnet_panoptic_merge: sem_logits must not be empty to fill a ", height, "x", width, " output, got ",
               sem_logits.sizes());

@@ -39,4 +39,16 @@ inline void check_pq_pair_counts_inputs(const at::Tensor& gt_ids, const at::Tens
   check_same_device(gt_ids, "gt_ids", pred_ids, "pred_ids");
 }
 
+// The error for an id outside [0, kMaxSegmentId] at flat pixel index `at_pixel` of the [B, H, W] maps, naming the
+// ids and where they are (on every device: reading two values costs nothing on the error path).
+inline void fail_invalid_segment_id(const at::Tensor& gt_ids, const at::Tensor& pred_ids, int64_t at_pixel) {
+  const int64_t width = std::max<int64_t>(gt_ids.size(2), 1);
+  const int64_t pixels = std::max<int64_t>(gt_ids.size(1) * gt_ids.size(2), 1);
+  const int64_t image = at_pixel / pixels, rest = at_pixel % pixels;
+  const auto gt_value = gt_ids.reshape(-1)[at_pixel].item<int64_t>();
+  const auto pred_value = pred_ids.reshape(-1)[at_pixel].item<int64_t>();
+  TORCH_CHECK(false, "pq_pair_counts: segment ids must be in [0, ", kMaxSegmentId, "], got gt_id ", gt_value,
+              " and pred_id ", pred_value, " at image ", image, ", pixel (", rest / width, ", ", rest % width, ")");
+}
+
 }  // namespace eyecool

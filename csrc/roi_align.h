@@ -130,8 +130,9 @@ struct BilinearTaps {
 template <typename T>
 EYECOOL_HD BilinearTaps<T> bilinear_taps(int64_t height, int64_t width, T y, T x) {
   BilinearTaps<T> t;
-  // The negated comparisons also reject NaN coordinates.
-  if (!(y >= (T)-1.0 && y <= (T)height && x >= (T)-1.0 && x <= (T)width)) {
+  // The negated comparisons also reject NaN coordinates. An empty map (height or width 0) has no pixel to clamp
+  // onto: every point is outside, so the ROI pools to 0 and has no gradient.
+  if (!(y >= (T)-1.0 && y <= (T)height && x >= (T)-1.0 && x <= (T)width) || height <= 0 || width <= 0) {
     t.y_low = t.x_low = t.y_high = t.x_high = 0;
     t.w1 = t.w2 = t.w3 = t.w4 = (T)0;
     t.valid = false;
@@ -189,11 +190,30 @@ inline void check_roi_align_inputs(const at::Tensor& input, const at::Tensor& ro
                                    int64_t pooled_w, const char* op) {
   check_dim(input, 4, "input", "[N, C, H, W]");
   check_floating(input, "input");
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be a [K, 5] tensor (batch index, x1, y1, x2, y2), got shape ",
-              rois.sizes());
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,
+              ": rois must be a [K, 5] tensor (batch index, x1, y1, x2, y2), got shape ", rois.sizes());
   check_same_dtype(input, "input", rois, "rois");
   check_same_device(input, "input", rois, "rois");
   TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive, got (", pooled_h, ", ", pooled_w, ")");
+  check_allocation({rois.size(0), input.size(1), pooled_h, pooled_w}, input.element_size(), op,
+                   "the output [K, C, output_size[0], output_size[1]]");
+}
+
+// The gradient maps a backward writes: one [batch, channels, height, width] map per level, as many as there are
+// scales. Checked before anything is allocated or launched: a missing height would read past the caller's list.
+inline void check_roi_align_backward_levels(int64_t batch, int64_t channels, at::IntArrayRef heights,
+                                            at::IntArrayRef widths, size_t num_levels, const char* op) {
+  TORCH_CHECK(heights.size() == num_levels && widths.size() == num_levels, op,
+              ": heights and widths must hold one size per level (", num_levels, " scales), got ", heights.size(),
+              " heights and ", widths.size(), " widths");
+  TORCH_CHECK(num_levels >= 1 && num_levels <= 8, op, ": 1 to 8 levels are supported, got ", num_levels);
+  TORCH_CHECK(batch >= 0 && channels >= 0, op, ": batch_size and channels must be non-negative, got ", batch, " and ",
+              channels);
+  for (size_t l = 0; l < num_levels; ++l) {
+    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, op, ": level ", l, " must have a non-negative size, got ",
+                heights[l], "x", widths[l]);
+    check_allocation({batch, channels, heights[l], widths[l]}, 8, op, "the input gradient [N, C, H, W]");
+  }
 }
 
 inline void check_roi_align_backward_inputs(const at::Tensor& grad, const at::Tensor& rois, int64_t pooled_h,

@@ -50,6 +50,18 @@ def compiled_with_cuda() -> bool:
     return _C is not None and bool(_C.with_cuda())
 
 
+def compiled_with_cuda_emulation() -> bool:
+    """Whether the extension also holds the CUDA kernels compiled as host code (``torch.ops.eyecool_emu.*``, built
+    with ``EYECOOL_CUDA_EMULATION=1``), which the tests run on the CPU."""
+    if _C is None:
+        return False
+    try:
+        torch.ops.eyecool_emu._launch_count
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def load_error() -> Exception | None:
     """Why the compiled extension could not be loaded, or None."""
     return _load_error

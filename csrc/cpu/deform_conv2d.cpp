@@ -370,7 +370,7 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
           for (int64_t k = 0; k < taps; ++k) {
             const ModulatedTaps<scalar_t>& mt = samples[p * taps + k];
             const DeformTaps<scalar_t>& t = mt.taps;
-            if (!t.any) continue;  // the partial gradients stay 0
+            if (!t.touches) continue;  // the partial gradients stay 0
             const scalar_t* gc = grad_cols_data + p * row + k * width;
             const int64_t i1 = (t.y_low * W + t.x_low) * C + block.c0;
             const int64_t i2 = (t.y_low * W + t.x_high) * C + block.c0;
@@ -392,7 +392,7 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
             const bool in[4] = {t.in1, t.in2, t.in3, t.in4};
             const int64_t idx[4] = {i1, i2, i3, i4};
             for (int q = 0; q < 4; ++q) {
-              if (!in[q]) continue;
+              if (!in[q] || !t.any) continue;  // on row or column -1 exactly every weight is 0
               axpy(grad_in_n + idx[q], ws[q], gc, width);
             }
           }

@@ -201,6 +201,7 @@ __attribute__((always_inline)) inline void instance_span_body(int64_t first, int
                                                               acc_t iy, const scalar_t* mask, int64_t mask_h,
                                                               int64_t mask_w, acc_t* best_value, int32_t* best_label,
                                                               acc_t* max_y) {
+  iy = finite_mask_coord(iy, mask_h);
   const acc_t fy = std::floor(iy);
   const int64_t y0 = static_cast<int64_t>(fy), y1 = y0 + 1;
   const acc_t south = iy - fy, north = acc_t(1) - south;
@@ -211,7 +212,7 @@ __attribute__((always_inline)) inline void instance_span_body(int64_t first, int
 #pragma omp simd
   for (int64_t px = first; px < stop; ++px) {
     const acc_t cx = static_cast<acc_t>(px) + acc_t(0.5);
-    const acc_t ix = mask_source_coord(cx, x1, x2, mask_w);
+    const acc_t ix = finite_mask_coord(mask_source_coord(cx, x1, x2, mask_w), mask_w);
     // floor(ix) without a library call, so that the loop vectorises: exact, since ix lies in [-0.5, mask_w)
     // for a pixel inside the box.
     const acc_t truncated = static_cast<acc_t>(static_cast<int32_t>(ix));

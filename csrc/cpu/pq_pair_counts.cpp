@@ -63,15 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pq_pair_counts_cpu(co
       }
     });
   });
-  if (first_bad.load() >= 0) {
-    const int64_t at_pixel = first_bad.load();
-    const int64_t image = at_pixel / std::max<int64_t>(pixels, 1), rest = at_pixel % std::max<int64_t>(pixels, 1);
-    const auto gt_value = gt.view(-1)[at_pixel].item<int64_t>();
-    const auto pred_value = pred.view(-1)[at_pixel].item<int64_t>();
-    TORCH_CHECK(false, "pq_pair_counts: segment ids must be in [0, ", kMaxSegmentId, "], got gt_id ", gt_value,
-                " and pred_id ", pred_value, " at image ", image, ", pixel (", rest / width, ", ", rest % width,
-                ")");
-  }
+  if (first_bad.load() >= 0) fail_invalid_segment_id(gt, pred, first_bad.load());
 
   // Merge the bands of each image and sort its distinct pairs.
   std::vector<std::vector<KeyCount>> image_pairs(static_cast<size_t>(batch));

@@ -224,6 +224,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t pooled_height, int64_t pooled_width, int64_t batch_size, int64_t channels,
                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
   check_roi_align_backward_inputs(grad, rois, pooled_height, pooled_width, channels, "_roi_align_backward");
+  check_roi_align_backward_levels(batch_size, channels, {height}, {width}, 1, "_roi_align_backward");
   const LevelAssignment single{false, 0.0, 0, 0, 0};
   return backward_impl(grad, rois, pooled_height, pooled_width, {spatial_scale}, sampling_ratio, aligned, single,
                        batch_size, channels, {height}, {width})[0];
@@ -246,6 +247,8 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cpu(const at::Tensor& grad
                                                           int64_t channels, at::IntArrayRef heights,
                                                           at::IntArrayRef widths) {
   check_roi_align_backward_inputs(grad, rois, pooled_height, pooled_width, channels, "_multilevel_roi_align_backward");
+  check_roi_align_backward_levels(batch_size, channels, heights, widths, scales.size(),
+                                  "_multilevel_roi_align_backward");
   const auto levels = pyramid_levels(scales);
   const LevelAssignment assign{true, canonical_box_size, canonical_level, levels.first, levels.second};
   return backward_impl(grad, rois, pooled_height, pooled_width, scales.vec(), sampling_ratio, aligned, assign,

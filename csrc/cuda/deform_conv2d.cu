@@ -10,9 +10,6 @@
 // float, double, half and bfloat16; the sampling and the accumulators of the gradients run in float (opmath).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/Atomic.cuh>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -25,6 +22,16 @@ namespace {
 
 // Upper bound on the column buffer of one batch chunk, in elements.
 constexpr int64_t kMaxColumnElements = int64_t(1) << 27;
+
+// The bound in force: kMaxColumnElements, or the emulation's test setting (a tiny one makes small batches run in
+// several chunks, as large ones do on a GPU).
+int64_t max_column_elements() {
+#ifdef EYECOOL_CUDA_EMULATION
+  const int64_t limit = emulation::launch_limits().max_column_elements;
+  if (limit > 0) return limit;
+#endif
+  return kMaxColumnElements;
+}
 
 // The shapes the kernels need, passed by value.
 struct KernelShape {
@@ -82,7 +89,8 @@ __global__ void im2col_kernel(int64_t total, KernelShape s, const scalar_t* __re
                                            static_cast<acc_t>(img[t.y_high * s.width + t.x_low]),
                                            static_cast<acc_t>(img[t.y_high * s.width + t.x_high]));
     }
-    columns[(c * taps + k) * chunk * plane + nl * plane + p] = static_cast<scalar_t>(m * value);
+    // A sample wholly outside the image is 0, whatever the mask (m * 0 would be NaN for an infinite mask).
+    columns[(c * taps + k) * chunk * plane + nl * plane + p] = t.any ? static_cast<scalar_t>(m * value) : scalar_t(0);
   }
 }
 
@@ -135,7 +143,7 @@ __global__ void coordinate_grad_kernel(int64_t total, KernelShape s, const scala
     acc_t m;
     const DeformTaps<acc_t> t = sample_taps<scalar_t, acc_t>(s, offset, mask, n, og, k, p, &m);
     acc_t s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-    if (t.any) {
+    if (t.touches) {
       for (int64_t cl = 0; cl < channels_per_offset_group; ++cl) {
         const int64_t c = og * channels_per_offset_group + cl;
         const acc_t g = static_cast<acc_t>(grad_columns[(c * taps + k) * chunk * plane + nl * plane + p]);
@@ -156,17 +164,17 @@ __global__ void coordinate_grad_kernel(int64_t total, KernelShape s, const scala
   }
 }
 
-// Images per chunk so that the columns fit kMaxColumnElements (at least one image).
+// Images per chunk so that the columns fit max_column_elements() (at least one image).
 int64_t images_per_chunk(const DeformConv2dShape& s) {
   const int64_t per_image = s.in_channels * s.kernel_h * s.kernel_w * s.out_h * s.out_w;
-  return std::max<int64_t>(1, std::min<int64_t>(s.batch, kMaxColumnElements / std::max<int64_t>(1, per_image)));
+  return std::max<int64_t>(1, std::min<int64_t>(s.batch, max_column_elements() / std::max<int64_t>(1, per_image)));
 }
 
 template <typename scalar_t>
 void im2col(const DeformConv2dShape& s, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
             int64_t n0, int64_t chunk, at::Tensor& columns) {
   const int64_t total = s.in_channels * s.kernel_h * s.kernel_w * chunk * s.out_h * s.out_w;
-  im2col_kernel<scalar_t><<<num_blocks(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  EYECOOL_LAUNCH(num_blocks(total), kThreads, at::cuda::getCurrentCUDAStream(), im2col_kernel<scalar_t>)(
       total, kernel_shape(s), input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
       mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, n0, chunk, columns.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -181,6 +189,8 @@ at::Tensor deform_conv2d_forward_cuda(const at::Tensor& input_in, const at::Tens
   at::cuda::CUDAGuard guard(input_in.device());
   at::Tensor output = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, input_in.options());
   if (output.numel() == 0) return output;
+  const at::Tensor bias =
+      bias_in.has_value() ? bias_in->contiguous().view({s.groups, s.out_channels / s.groups}) : at::Tensor();
   const at::Tensor input = input_in.contiguous();
   const at::Tensor offset = offset_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
@@ -195,16 +205,20 @@ at::Tensor deform_conv2d_forward_cuda(const at::Tensor& input_in, const at::Tens
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_forward_cuda", [&] {
       im2col<scalar_t>(s, input, offset, mask, n0, count, cols);
     });
-    // [groups, C_out_g, count * L] -> output[n0 : n0 + count] as [count, C_out, L].
+    // [groups, C_out_g, count * L] -> output[n0 : n0 + count] as [count, C_out, L]. The bias enters the GEMM
+    // (addmm), so that half and bfloat16 outputs are rounded once, after it is added, as on the CPU.
     at::Tensor out = at::empty({s.groups, out_per_group, count * plane}, input.options());
     const at::Tensor cols_g = cols.view({s.groups, c_per_group * taps, count * plane});
     for (int64_t g = 0; g < s.groups; ++g) {
       at::Tensor out_g = out[g];
-      at::mm_out(out_g, weight[g], cols_g[g]);
+      if (bias.defined()) {
+        at::addmm_out(out_g, bias[g].unsqueeze(1), weight[g], cols_g[g]);
+      } else {
+        at::mm_out(out_g, weight[g], cols_g[g]);
+      }
     }
     output.narrow(0, n0, count).copy_(out.view({s.out_channels, count, s.out_h, s.out_w}).transpose(0, 1));
   }
-  if (bias_in.has_value()) output.add_(bias_in->view({1, s.out_channels, 1, 1}));
   return output;
 }
 
@@ -247,19 +261,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         im2col<scalar_t>(s, input, offset, mask, n0, count, cols);
         const at::Tensor cols_g = cols.view({s.groups, c_per_group * taps, count * plane});
         for (int64_t g = 0; g < s.groups; ++g) {
-          grad_weight_acc[g].add_(at::mm(grad_g[g], cols_g[g].t()));
+          // In the op-math type: a half product of one chunk can overflow (65504) before the float sum.
+          grad_weight_acc[g].addmm_(grad_g[g].to(acc_type), cols_g[g].t().to(acc_type));
           at::Tensor grad_cols_g = grad_cols[g];
           at::mm_out(grad_cols_g, weight[g].t(), grad_g[g]);
         }
         const KernelShape ks = kernel_shape(s);
         const scalar_t* mask_ptr = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
         const int64_t total = s.in_channels * taps * count * plane;
-        col2im_kernel<scalar_t><<<num_blocks(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        EYECOOL_LAUNCH(num_blocks(total), kThreads, at::cuda::getCurrentCUDAStream(), col2im_kernel<scalar_t>)(
             total, ks, grad_cols.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), mask_ptr, n0, count,
             grad_input_acc.data_ptr<at::opmath_type<scalar_t>>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const int64_t coord_total = count * s.offset_groups * taps * plane;
-        coordinate_grad_kernel<scalar_t><<<num_blocks(coord_total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        EYECOOL_LAUNCH(num_blocks(coord_total), kThreads, at::cuda::getCurrentCUDAStream(), coordinate_grad_kernel<scalar_t>)(
             coord_total, ks, grad_cols.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
             mask_ptr, n0, count, grad_offset.data_ptr<scalar_t>(), masked ? grad_mask.data_ptr<scalar_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -275,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 }  // namespace
 }  // namespace eyecool
 
-TORCH_LIBRARY_IMPL(eyecool, CUDA, m) {
+EYECOOL_CUDA_LIBRARY_IMPL(m) {
   m.impl("deform_conv2d", &eyecool::deform_conv2d_forward_cuda);
   m.impl("_deform_conv2d_backward", &eyecool::deform_conv2d_backward_cuda);
 }

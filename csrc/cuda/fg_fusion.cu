@@ -7,8 +7,6 @@
 // the results are deterministic. The arithmetic is fg_fusion.h's, the code the CPU tests exercise.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -20,6 +18,8 @@
 namespace eyecool {
 namespace {
 
+// Levels gathered per launch of gather_grad_fg_kernel (their pointers travel by value); more levels take more
+// launches, each adding to the previous one's sums.
 constexpr int kMaxLevels = 8;
 // Channels per step of the online softmax: that many independent loads and exps in flight per thread.
 constexpr int kFoldChannels = 8;
@@ -93,10 +93,11 @@ struct CellGrads {
   int num_levels;
 };
 
-// d loss / d fg per pixel: the cells of every level whose bins hold the pixel.
+// d loss / d fg per pixel: the cells of every level whose bins hold the pixel (added to grad_fg's value when
+// `accumulate`, for the launches after the first kMaxLevels levels).
 template <typename acc_t>
 __global__ void gather_grad_fg_kernel(int64_t pixels, CellGrads<acc_t> cells, int64_t height, int64_t width,
-                                      acc_t* __restrict__ grad_fg) {
+                                      bool accumulate, acc_t* __restrict__ grad_fg) {
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pixels; p += (int64_t)blockDim.x * gridDim.x) {
     const int64_t x = p % width, y = (p / width) % height, n = p / (width * height);
     acc_t sum = 0;
@@ -108,7 +109,7 @@ __global__ void gather_grad_fg_kernel(int64_t pixels, CellGrads<acc_t> cells, in
         for (int64_t j = adaptive_first_bin(x, width, out_w); j < j1; ++j) sum += gc[i * out_w + j];
       }
     }
-    grad_fg[p] = sum;
+    grad_fg[p] = accumulate ? grad_fg[p] + sum : sum;
   }
 }
 
@@ -133,18 +134,22 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fg_fusion_forward_cuda(const at:
   at::cuda::CUDAGuard guard(sem_logits.device());
   const int64_t batch = sem_logits.size(0), channels = sem_logits.size(1), height = sem_logits.size(2),
                 width = sem_logits.size(3);
+  // Every element of the outputs is written by a kernel below, unless there are no logits at all.
   std::vector<at::Tensor> outputs;
-  for (const auto& r : rpn_logits) outputs.push_back(at::zeros(r.sizes(), r.options()));
+  for (const auto& r : rpn_logits) outputs.push_back(at::empty(r.sizes(), r.options()));
   const at::Tensor stats = at::empty({3, batch, height, width},
                                      sem_logits.options().dtype(at::toOpMathType(sem_logits.scalar_type())));
-  if (sem_logits.numel() == 0) return {outputs, stats};
+  if (sem_logits.numel() == 0) {
+    for (auto& o : outputs) o.zero_();
+    return {outputs, stats};
+  }
   const at::Tensor sem = sem_logits.contiguous();
   const int64_t plane = height * width, pixels = batch * plane;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "fg_fusion_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor max = stats[0], total = stats[1], fg = stats[2];
-    statistics_kernel<scalar_t, acc_t><<<num_blocks(pixels), kThreads, 0, stream>>>(
+    EYECOOL_LAUNCH(num_blocks(pixels), kThreads, stream, statistics_kernel<scalar_t, acc_t>)(
         pixels, sem.data_ptr<scalar_t>(), channels, plane, num_stuff, max.data_ptr<acc_t>(), total.data_ptr<acc_t>(),
         fg.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -152,7 +157,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fg_fusion_forward_cuda(const at:
       const at::Tensor r = rpn_logits[l].contiguous();
       const int64_t total = r.numel();
       if (total == 0) continue;
-      level_forward_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+      EYECOOL_LAUNCH(num_blocks(total), kThreads, stream, level_forward_kernel<scalar_t, acc_t>)(
           total, r.data_ptr<scalar_t>(), fg.data_ptr<acc_t>(), height, width, r.size(1), r.size(2), r.size(3),
           prob_mode, outputs[l].data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -169,14 +174,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cuda(at::Tens
   check_fg_fusion_inputs(sem_logits, rpn_logits, num_stuff, "_fg_fusion_backward");
   check_fg_fusion_grads(grads, rpn_logits);
   check_fg_fusion_stats(softmax_stats, sem_logits);
-  TORCH_CHECK(rpn_logits.size() <= static_cast<size_t>(kMaxLevels), "_fg_fusion_backward: at most ", kMaxLevels,
-              " levels are supported on CUDA, got ", rpn_logits.size());
   const bool prob_mode = fg_fusion_prob_mode(mode);
   at::cuda::CUDAGuard guard(sem_logits.device());
-  at::Tensor grad_sem = at::zeros(sem_logits.sizes(), sem_logits.options());
+  // Every element of the gradients is written by a kernel below, unless there are no logits at all.
+  at::Tensor grad_sem = at::empty(sem_logits.sizes(), sem_logits.options());
   std::vector<at::Tensor> grad_rpn;
-  for (const auto& r : rpn_logits) grad_rpn.push_back(at::zeros(r.sizes(), r.options()));
-  if (sem_logits.numel() == 0) return {grad_sem, grad_rpn};
+  for (const auto& r : rpn_logits) grad_rpn.push_back(at::empty(r.sizes(), r.options()));
+  if (sem_logits.numel() == 0) {
+    grad_sem.zero_();
+    for (auto& g : grad_rpn) g.zero_();
+    return {grad_sem, grad_rpn};
+  }
   const at::Tensor sem = sem_logits.contiguous();
   const int64_t batch = sem.size(0), channels = sem.size(1), height = sem.size(2), width = sem.size(3);
   const int64_t plane = height * width, pixels = batch * plane;
@@ -188,28 +196,36 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cuda(at::Tens
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "fg_fusion_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    CellGrads<acc_t> cells{};
-    cells.num_levels = static_cast<int>(rpn_logits.size());
     for (size_t l = 0; l < rpn_logits.size(); ++l) {
       const at::Tensor r = rpn_logits[l].contiguous();
       const at::Tensor go = grads[l].contiguous();
       const int64_t out_h = r.size(2), out_w = r.size(3);
-      grad_cells.push_back(at::zeros({batch, out_h, out_w}, acc_options));
-      cells.data[l] = grad_cells.back().data_ptr<acc_t>();
-      cells.height[l] = out_h;
-      cells.width[l] = out_w;
       const int64_t cells_total = batch * out_h * out_w;
-      if (cells_total == 0 || r.size(1) == 0) continue;
-      level_backward_kernel<scalar_t, acc_t><<<num_blocks(cells_total), kThreads, 0, stream>>>(
+      // A level without anchors still has cells (its zeros reach the gather); otherwise the kernel writes them.
+      const bool launch = cells_total > 0 && r.size(1) > 0;
+      grad_cells.push_back(launch ? at::empty({batch, out_h, out_w}, acc_options)
+                                  : at::zeros({batch, out_h, out_w}, acc_options));
+      if (!launch) continue;
+      EYECOOL_LAUNCH(num_blocks(cells_total), kThreads, stream, level_backward_kernel<scalar_t, acc_t>)(
           cells_total, r.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), fg.data_ptr<acc_t>(), height, width,
           r.size(1), out_h, out_w, prob_mode, grad_rpn[l].data_ptr<scalar_t>(), grad_cells.back().data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    gather_grad_fg_kernel<acc_t><<<num_blocks(pixels), kThreads, 0, stream>>>(pixels, cells, height, width,
-                                                                              grad_fg.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // kMaxLevels levels per gather (there is at least one level): the first launch writes grad_fg, later ones add.
+    for (size_t first = 0; first < grad_cells.size(); first += kMaxLevels) {
+      CellGrads<acc_t> cells{};
+      cells.num_levels = static_cast<int>(std::min<size_t>(kMaxLevels, grad_cells.size() - first));
+      for (int l = 0; l < cells.num_levels; ++l) {
+        cells.data[l] = grad_cells[first + l].data_ptr<acc_t>();
+        cells.height[l] = grad_cells[first + l].size(1);
+        cells.width[l] = grad_cells[first + l].size(2);
+      }
+      EYECOOL_LAUNCH(num_blocks(pixels), kThreads, stream, gather_grad_fg_kernel<acc_t>)(
+          pixels, cells, height, width, first > 0, grad_fg.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     const int64_t total = sem.numel();
-    sem_backward_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+    EYECOOL_LAUNCH(num_blocks(total), kThreads, stream, sem_backward_kernel<scalar_t, acc_t>)(
         total, sem.data_ptr<scalar_t>(), channels, plane, num_stuff, max.data_ptr<acc_t>(), sum.data_ptr<acc_t>(),
         fg.data_ptr<acc_t>(), grad_fg.data_ptr<acc_t>(), grad_sem.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -220,7 +236,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cuda(at::Tens
 }  // namespace
 }  // namespace eyecool
 
-TORCH_LIBRARY_IMPL(eyecool, CUDA, m) {
+EYECOOL_CUDA_LIBRARY_IMPL(m) {
   m.impl("fg_fusion", &eyecool::fg_fusion_forward_cuda);
   m.impl("_fg_fusion_backward", &eyecool::fg_fusion_backward_cuda);
 }

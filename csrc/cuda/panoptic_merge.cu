@@ -3,8 +3,6 @@
 // the fly; nothing but the [H, W] label map is written.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "panoptic_merge.h"
@@ -44,7 +42,7 @@ at::Tensor upsnet_panoptic_merge_cuda(const at::Tensor& sem_logits, int64_t num_
   const at::Tensor masks = mask_logits_in.contiguous();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "upsnet_panoptic_merge_cuda", [&] {
-    upsnet_merge_kernel<scalar_t><<<num_blocks(pixels), kThreads, 0, stream>>>(
+    EYECOOL_LAUNCH(num_blocks(pixels), kThreads, stream, upsnet_merge_kernel<scalar_t>)(
         pixels, sem.data_ptr<scalar_t>(), sem.size(0), sem.size(1), sem.size(2), height, width, num_stuff,
         boxes.data_ptr<scalar_t>(), classes.data_ptr<int64_t>(), masks.data_ptr<scalar_t>(), boxes.size(0),
         masks.size(1), masks.size(2), labels.data_ptr<int64_t>());
@@ -56,4 +54,4 @@ at::Tensor upsnet_panoptic_merge_cuda(const at::Tensor& sem_logits, int64_t num_
 }  // namespace
 }  // namespace eyecool
 
-TORCH_LIBRARY_IMPL(eyecool, CUDA, m) { m.impl("upsnet_panoptic_merge", &eyecool::upsnet_panoptic_merge_cuda); }
+EYECOOL_CUDA_LIBRARY_IMPL(m) { m.impl("upsnet_panoptic_merge", &eyecool::upsnet_panoptic_merge_cuda); }

@@ -4,7 +4,8 @@ fallback.
 It gathers every bilinear tap of every (output pixel, kernel point, channel) at once and contracts them with the
 weight in one einsum, so memory grows with N * C_in * kh * kw * H_out * W_out: meant for tests and small inputs.
 Autograd through the gathers gives all five gradients; the sampling follows torchvision's kernels (zero padding
-outside the image, a point at or beyond one pixel outside contributes nothing).
+outside the image, a point at or beyond one pixel outside contributes nothing, except to the offset gradient on
+row or column -1 exactly, as torchvision's).
 """
 from __future__ import annotations
 
@@ -121,12 +122,14 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     ox = torch.arange(out_w, device=device, dtype=acc) * shape.stride[1] - shape.padding[1]
     grid_y = (oy.view(1, 1, out_h, 1) + ky.view(kh, 1, 1, 1)).expand(kh, kw, out_h, out_w).reshape(taps, out_h, out_w)
     grid_x = (ox.view(1, 1, 1, out_w) + kx.view(1, kw, 1, 1)).expand(kh, kw, out_h, out_w).reshape(taps, out_h, out_w)
-    off = offset.to(acc).view(n, offset_groups, taps, 2, out_h, out_w)
+    off = offset.to(acc).reshape(n, offset_groups, taps, 2, out_h, out_w)
     y = grid_y + off[:, :, :, 0]
     x = grid_x + off[:, :, :, 1]
 
-    # torchvision's bilinear_interpolate: nothing at or beyond one pixel outside, zero-valued taps outside.
-    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    # torchvision's bilinear_interpolate: nothing at or beyond one pixel outside, zero-valued taps outside. The band
+    # is closed at -1: on row or column -1 exactly the taps inside the image have weight 0 (so the value is 0 for
+    # finite inputs), but their weights' derivative is not, which gives torchvision's offset gradient there.
+    inside = (y >= -1) & (y < height) & (x >= -1) & (x < width)
     y_low = torch.floor(y.detach())
     x_low = torch.floor(x.detach())
     ly = y - y_low
@@ -150,10 +153,10 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     columns = (tap(y_low, x_low, hy * hx) + tap(y_low, x_low + 1, hy * lx)
                + tap(y_low + 1, x_low, ly * hx) + tap(y_low + 1, x_low + 1, ly * lx))
     if mask is not None:
-        columns = columns * mask.to(acc).view(n, offset_groups, 1, samples)
+        columns = columns * mask.to(acc).reshape(n, offset_groups, 1, samples)
     # [N, C_in, kh*kw, P] -> per weight group [N, groups, C_in/groups * kh*kw, P], matching weight's flattening.
     columns = columns.view(n, groups, c_in_per_group * taps, pixels)
-    w = weight.to(acc).view(groups, c_out // groups, c_in_per_group * taps)
+    w = weight.to(acc).reshape(groups, c_out // groups, c_in_per_group * taps)
     out = torch.einsum("gok,ngkp->ngop", w, columns).reshape(n, c_out, out_h, out_w)
     if bias is not None:
         out = out + bias.to(acc).view(1, c_out, 1, 1)

@@ -150,6 +150,47 @@ def test_integer_offsets_are_a_shifted_convolution(device):
                  nn.functional.conv2d(shifted, weight, bias, 1, 0))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("padding", [1, 2])
+def test_exact_integer_positions_at_every_border_match_torchvision(device, masked, padding):
+    """Sampling points on exact integers, on row/column -1, 0, H - 1 and H and beyond, for all five gradients.
+
+    On row or column -1 exactly torchvision's offset gradient is the border pixel's value, not 0: the state of
+    every DCN at initialisation (zero offsets, padding >= 1). The report's case first, then integer offsets."""
+    x = torch.arange(1.0, 10.0, dtype=torch.float64, device=device).view(1, 1, 3, 3).requires_grad_()
+    offset = torch.zeros(1, 2, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    ops.deform_conv2d(x, offset, torch.ones(1, 1, 1, 1, dtype=torch.float64, device=device),
+                      padding=1).sum().backward()
+    assert offset.grad[0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 0.0]
+
+    g = torch.Generator().manual_seed(padding)
+    x = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64)
+    out_h, out_w = 5 + 2 * padding - 2, 6 + 2 * padding - 2
+    offsets = [torch.zeros(2, 18, out_h, out_w, dtype=torch.float64),
+               torch.randint(-3, 4, (2, 18, out_h, out_w), generator=g).double()]
+    weight = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 9, out_h, out_w, generator=g, dtype=torch.float64) if masked else None
+    for offset in offsets:
+        tensors = [t.to(device).clone().requires_grad_() if t is not None else None
+                   for t in (x, offset, weight, bias, mask)]
+        theirs = [t.clone().detach().requires_grad_() if t is not None else None for t in tensors]
+        ours = ops.deform_conv2d(tensors[0], tensors[1], tensors[2], tensors[3], 1, padding, 1, tensors[4])
+        expected = torchvision.ops.deform_conv2d(theirs[0], theirs[1], theirs[2], theirs[3], 1, padding, 1, theirs[4])
+        assert_close(ours, expected)
+        grad = torch.randn(ours.shape, generator=g, dtype=torch.float64).to(device)
+        ours.backward(grad)
+        expected.backward(grad)
+        for name, a, b in zip(("input", "offset", "weight", "bias", "mask"), tensors, theirs):
+            if a is not None:
+                assert_close(a.grad, b.grad, msg=lambda m, name=name: f"grad of {name}: {m}")
+        # The reference takes the same convention.
+        ref = [t.clone().detach().requires_grad_() if t is not None else None for t in tensors]
+        reference.deform_conv2d(ref[0], ref[1], ref[2], ref[3], 1, padding, 1, ref[4]).backward(grad)
+        assert_close(ref[1].grad, theirs[1].grad)
+
+
 def test_backward_is_deterministic_across_threads():
     x, offset, weight, bias, mask = make_inputs(batch=2, in_channels=160, out_channels=8, size=(9, 9),
                                                 offset_groups=2, dtype=torch.float32)

@@ -146,6 +146,10 @@ def test_gt_segment_of_an_unknown_category(tmp_path):
     assert_same(ours, theirs(*paths))
     assert ours["per_class"][1]["pq"] == 1.0 and ours["per_class"][10]["pq"] == 0.0  # sky: one FP
     assert ours["All"]["n"] == 2
+    with warnings.catch_warnings(record=True) as caught:  # one warning: not also "in the PNG but not in the JSON"
+        warnings.simplefilter("always")
+        pq_compute(*paths, verbose=False)
+    assert [str(w.message).split(";")[0] for w in caught] == ["image 6: gt segment 2 has unknown category_id 555"]
 
 
 @needs_panopticapi

@@ -140,7 +140,15 @@ def multilevel_roi_align(features: List[Tensor], boxes: BoxesLike, output_size: 
 
     Returns:
         ``Tensor[K, C, ph, pw]``, rows in the order of ``boxes``.
+
+    ``torch.fx.symbolic_trace`` records the call as one node (features traced as one list or level by level).
     """
+    if (isinstance(boxes, _Proxy) or isinstance(features, _Proxy)
+            or (isinstance(features, (list, tuple)) and len(features) and isinstance(features[0], _Proxy))):
+        proxy = boxes if isinstance(boxes, _Proxy) else features if isinstance(features, _Proxy) else features[0]
+        return proxy.tracer.create_proxy("call_function", multilevel_roi_align,
+                                         (features, boxes, output_size, scales, sampling_ratio, aligned,
+                                          canonical_box_size, canonical_level), {})
     pooled_h, pooled_w = pair(output_size, "output_size")
     features = list(features)
     scales = [float(s) for s in scales]

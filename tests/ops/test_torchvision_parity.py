@@ -124,6 +124,26 @@ def test_roi_align_fx_trace_of_the_function_from_user_code():
     torch.testing.assert_close(graph_module(x, rois), Head()(x, rois))
 
 
+def test_multilevel_roi_align_fx_trace():
+    """Not a torchvision test (its MultiScaleRoIAlign is another API): eyecool's FPN pooler traces to one node
+    too, whether the levels arrive as one traced list or level by level."""
+
+    class Pooler(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = ops.MultiLevelRoIAlign(2, [1.0, 0.5])
+
+        def forward(self, p2, p3, boxes):
+            return self.pool([p2, p3], boxes)
+
+    levels = [torch.rand(2, 3, 16, 16), torch.rand(2, 3, 8, 8)]
+    rois = torch.tensor([[0, 0, 0, 15, 15], [1, 2, 2, 300, 300], [0, 1, 1, 3, 3]], dtype=torch.float)
+    for model, args in ((Pooler(), (*levels, rois)), (ops.MultiLevelRoIAlign(2, [1.0, 0.5]), (levels, rois))):
+        graph_module = torch.fx.symbolic_trace(model)
+        assert _call_function_targets(graph_module) == [ops.multilevel_roi_align]
+        torch.testing.assert_close(graph_module(*args), model(*args))
+
+
 @needs_compiled
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("contiguous", [True, False])

@@ -10,7 +10,6 @@ traced values records one ``call_function`` node, wherever it is called from).
 """
 from __future__ import annotations
 
-import math
 from typing import List, Sequence, Tuple, Union
 
 import torch

@@ -17,7 +17,7 @@ import pytest
 from eyecool.cli import main
 from eyecool.evaluation import PanopticEvaluator, PanopticFormatError, PanopticFormatWarning, pq_compute
 from eyecool.evaluation import panoptic_quality
-from panoptic_data import CATEGORIES, random_pair, segments_info, write_split
+from panoptic_data import random_pair, segments_info, write_split
 
 try:
     from panopticapi.evaluation import pq_compute as panopticapi_pq_compute

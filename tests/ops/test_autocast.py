@@ -234,3 +234,16 @@ def test_registered_kernels_apply_without_the_python_wrapper():
         torch.ops.eyecool.deform_conv2d(x, offset, weight, None, None, [1, 1], [1, 1], [1, 1])
     expected = torch.ops.eyecool.deform_conv2d(x, offset.float(), weight, None, None, [1, 1], [1, 1], [1, 1])
     torch.testing.assert_close(out, expected)
+
+
+@needs_compiled
+def test_autocast_kernels_under_torch_compile():
+    """Traced under autocast (the Python kernels registered for the Autocast keys), the graph computes the same."""
+    layer = ops.DeformConv2d(4, 4, 3, padding=1, modulated=True)
+    torch.nn.init.normal_(layer.offset_conv.weight, std=0.3)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = layer(x)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    assert compiled.dtype == eager.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)

@@ -137,3 +137,35 @@ def test_upsnet_merge_with_non_finite_boxes(m, data):
     masks = torch.randn(m, 5, 5)
     labels = torch.ops.eyecool.upsnet_panoptic_merge(sem, 2, boxes, classes, masks, 9, 7)
     assert labels.shape == (9, 7) and int(labels.min()) >= 0 and int(labels.max()) <= 2 + m
+
+
+@fuzz
+@given(h=st.integers(0, 3), w=st.integers(0, 3), levels=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)),
+                                                                  min_size=1, max_size=3),
+       mode=st.sampled_from(["logit", "prob"]))
+def test_fg_fusion_on_an_empty_semantic_map_is_zero(h, w, levels, mode):
+    """No semantic pixel, no foreground: every fused level is 0 and no gradient flows (the unfused composition
+    raises in adaptive_avg_pool2d here)."""
+    if h * w:
+        h = 0
+    ran("fg_fusion")
+    sem = torch.randn(2, 5, h, w, dtype=torch.float64, requires_grad=True)
+    rpn = [torch.randn(2, 3, lh, lw, dtype=torch.float64, requires_grad=True) for lh, lw in levels]
+    fused = ops.fg_fusion(sem, rpn, 2, mode)
+    for f, r in zip(fused, rpn):
+        assert torch.equal(f, torch.zeros_like(r))
+    if any(f.numel() for f in fused):
+        sum(f.sum() for f in fused).backward()
+        assert all(r.grad is None or torch.count_nonzero(r.grad) == 0 for r in rpn)
+        assert sem.grad is None or sem.grad.numel() == 0
+
+
+@fuzz
+@given(b=st.integers(0, 2), h=st.integers(0, 3), w=st.integers(0, 3))
+def test_pq_pair_counts_of_empty_maps(b, h, w):
+    ran("pq_pair_counts")
+    if b * h * w:
+        b = 0
+    ids = torch.zeros(b, h, w, dtype=torch.int64)
+    for t in torch.ops.eyecool.pq_pair_counts(ids, ids):
+        assert t.shape == (0,) and t.dtype == torch.int64

@@ -58,6 +58,8 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: Br
 
     An inverted box (x2 < x1 or y2 < y1) never crashes: in aligned mode with adaptive sampling it has no
     sampling points and pools to 0 (torchvision's CUDA result); otherwise it is sampled as torchvision does.
+    A map of height or width 0 pools to 0 (zero gradient). A batch index outside ``[0, N)`` or NaN raises on the
+    CPU and pools to 0 on CUDA, where checking it would cost a host synchronisation.
 
     Quantized input (CPU): torchvision's QuantizedCPU kernel, operation for operation in float32, so the results
     are the same integers: the boxes must be quantized too (ValueError otherwise, as in torchvision) and are

@@ -71,9 +71,14 @@ class InferenceNetwork(nn.Module):
     Args:
         model: the trained network (its weights are shared, not copied).
         padded_size: ``(Hp, Wp)``, multiples of the model's size divisibility; images up to this size fit.
+        pad_detections: run the mask head on a fixed ``detections_per_image`` ROIs (the detections, then empty
+            boxes whose rows are dropped) instead of the data-dependent count, so that no convolution has a
+            data-dependent batch size: AOTInductor (torch 2.14, CPU) miscompiles a convolution whose batch is an
+            unbacked size (reproduced with a ``Conv2d`` over ``x[torch.nonzero(keep)]``: wrong values). Costs the
+            mask head's work on the padding rows; the outputs are the same.
     """
 
-    def __init__(self, model: nn.Module, padded_size: Tuple[int, int]):
+    def __init__(self, model: nn.Module, padded_size: Tuple[int, int], pad_detections: bool = False):
         super().__init__()
         div = model.size_divisibility
         hp, wp = (int(v) for v in padded_size)
@@ -82,6 +87,7 @@ class InferenceNetwork(nn.Module):
         self.model = model
         self.padded_size = (hp, wp)
         self.nms_offset = float(max(hp, wp) + 1)
+        self.pad_detections = pad_detections
 
     def forward(self, image: Tensor, image_size: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         m = self.model
@@ -148,7 +154,13 @@ class InferenceNetwork(nn.Module):
         kept = _offset_nms(boxes, scores, classes, heads.nms_threshold, self.nms_offset)[: heads.detections_per_image]
         boxes, scores, classes = boxes[kept], scores[kept], classes[kept]
         det_rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], dim=1)
-        mask_logits = heads.mask_logits(mask_features, det_rois, classes).float()
+        if not self.pad_detections:
+            return boxes, scores, classes, heads.mask_logits(mask_features, det_rois, classes).float()
+        num, limit = boxes.shape[0], heads.detections_per_image
+        torch._check(num <= limit)
+        padded_rois = torch.cat([det_rois, det_rois.new_zeros((limit - num, 5))])
+        padded_classes = torch.cat([classes, classes.new_zeros((limit - num,))])
+        mask_logits = heads.mask_logits(mask_features, padded_rois, padded_classes)[:num].float()
         return boxes, scores, classes, mask_logits
 
 
@@ -327,8 +339,9 @@ class OnnxPanopticPredictor:
 
 def export_checkpoint(cfg, weights: str, path: str, image_size: Optional[Tuple[int, int]] = None,
                       fmt: str = "onnx", verify: bool = False) -> Dict[str, Any]:
-    """``model_final.pth`` (+ its configuration) -> ``path``: an ``.onnx`` file (``fmt="onnx"``) or a
-    ``torch.export`` program saved with ``torch.export.save`` (``fmt="torch-export"``, a ``.pt2``).
+    """``model_final.pth`` (+ its configuration) -> ``path``: an ``.onnx`` file (``fmt="onnx"``), a
+    ``torch.export`` program saved with ``torch.export.save`` (``fmt="torch-export"``, a ``.pt2``), or an
+    AOTInductor package (``fmt="aoti"``, a ``.pt2``, :func:`compile_aoti`).
 
     ``image_size`` defaults to a square of the configuration's ``data.max_size`` (every image the evaluation
     transforms produce fits). ``verify``: run the ONNX file in onnxruntime against the eager network on a
@@ -345,8 +358,11 @@ def export_checkpoint(cfg, weights: str, path: str, image_size: Optional[Tuple[i
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.export.save(export_program(model, size), path)
         return result
+    if fmt == "aoti":
+        compile_aoti(model, size, path)
+        return result
     if fmt != "onnx":
-        raise ValueError(f"fmt must be 'onnx' or 'torch-export', got {fmt!r}")
+        raise ValueError(f"fmt must be 'onnx', 'torch-export' or 'aoti', got {fmt!r}")
     to_onnx(model, path, size, metadata={"min_size": cfg.data.min_size, "max_size": cfg.data.max_size})
     if verify:
         result["verify"] = verify_onnx(model, path)
@@ -356,14 +372,27 @@ def export_checkpoint(cfg, weights: str, path: str, image_size: Optional[Tuple[i
 # ---------------------------------------------------------------------------------------------- torch.export
 
 
-def export_program(model: nn.Module, image_size: Tuple[int, int]) -> "torch.export.ExportedProgram":
+def export_program(model: nn.Module, image_size: Tuple[int, int],
+                   pad_detections: bool = False) -> "torch.export.ExportedProgram":
     """``torch.export.export`` of :class:`InferenceNetwork` at the padded ``image_size`` (strict=False).
 
     The program takes ``(image [1, 3, Hp, Wp], image_size [2] int64)`` and returns :data:`OUTPUT_NAMES`; the
     number of detections is an unbacked size (``torch.nonzero`` / NMS), bounded by ``detections_per_image``.
+    ``pad_detections``: see :class:`InferenceNetwork` (needed for AOTInductor, :func:`compile_aoti`).
     """
     padded = padded_input_size(model, image_size)
-    net = InferenceNetwork(model.eval().float(), padded).eval()
+    net = InferenceNetwork(model.eval().float(), padded, pad_detections=pad_detections).eval()
     example = (torch.zeros(1, 3, *padded), torch.tensor(padded, dtype=torch.int64))
     with torch.no_grad():
         return torch.export.export(net, example, strict=False)
+
+
+def compile_aoti(model: nn.Module, image_size: Tuple[int, int], package_path: str) -> str:
+    """AOTInductor: :func:`export_program` (with ``pad_detections``) compiled into a ``.pt2`` package that
+    ``torch._inductor.aoti_load_package(path)(image, image_size)`` runs without Python model code (the eyecool
+    ops still come from the extension: ``import eyecool_ext`` first). Compiling takes about a minute for the
+    tiny test network on 2 cores. Returns the package's path."""
+    program = export_program(model, image_size, pad_detections=True)
+    os.makedirs(os.path.dirname(os.path.abspath(package_path)), exist_ok=True)
+    with torch.no_grad():
+        return torch._inductor.aoti_compile_and_package(program, package_path=package_path)

@@ -1,6 +1,8 @@
 """``torch.export`` of the inference network, against the eager model: the exported program's outputs equal the
 eager network's, which equal what ``PanopticModel`` computes, and the panoptic post-processing of either gives
 the model's own panoptic prediction."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,35 @@ def test_exported_program_has_eyecool_ops_and_data_dependent_detections(program,
     with torch.no_grad():
         for got, want in zip(loaded.module()(*args), program.module()(*args)):
             torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_padded_mask_batch_changes_nothing(model, size):
+    """``pad_detections`` (the AOTInductor workaround) runs the mask head on detections_per_image rows."""
+    image = images([size], seed=3)[0]
+    args = (pad_image(image, PADDED), torch.tensor(size))
+    with torch.no_grad():
+        plain = InferenceNetwork(model, PADDED)(*args)
+        padded = InferenceNetwork(model, PADDED, pad_detections=True)(*args)
+    assert 0 < plain[1].shape[0] < model.roi_heads.detections_per_image
+    for a, b in zip(padded, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("EYECOOL_AOTI_TEST") != "1",
+                    reason="AOTInductor compiles C++ for about a minute: set EYECOOL_AOTI_TEST=1")
+def test_aoti_package_matches_eager(model, tmp_path):
+    from eyecool.export import compile_aoti
+
+    path = compile_aoti(model, PADDED, str(tmp_path / "net.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    for seed, size in enumerate(SIZES):
+        image = images([size], seed=seed)[0]
+        args = (pad_image(image, PADDED), torch.tensor(size))
+        with torch.no_grad():
+            eager = InferenceNetwork(model, PADDED)(*args)
+        got = runner(*args)
+        assert eager[1].shape[0] > 3
+        for a, b in zip(got, eager):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

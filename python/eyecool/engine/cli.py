@@ -82,10 +82,11 @@ def add_parser(subparsers) -> None:
     export.add_argument("--weights", required=True, help="checkpoint (.pth), e.g. out/demo/model_final.pth")
     export.add_argument("--config", default=None,
                         help="YAML configuration (default: the config.yaml that training wrote beside --weights)")
-    export.add_argument("--out", required=True, help="the file to write (.onnx, or .pt2 with --format torch-export)")
+    export.add_argument("--out", required=True, help="the file to write (.onnx; .pt2 for torch-export and aoti)")
     export.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="largest (resized) input image; default data.max_size x data.max_size")
-    export.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
+    export.add_argument("--format", choices=("onnx", "torch-export", "aoti"), default="onnx",
+                        help="onnx (onnxruntime), torch-export (.pt2 program) or aoti (AOTInductor .pt2 package)")
     export.add_argument("--no-verify", action="store_true",
                         help="skip running the ONNX file in onnxruntime against the eager network")
     export.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")

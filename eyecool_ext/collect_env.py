@@ -66,6 +66,7 @@ def collect() -> list:
             v = C.cuda_version()
             rows.append(("eyecool_ext CUDA runtime", f"{v // 1000}.{(v % 1000) // 10}"))
             rows.append(("eyecool_ext GPU architectures", C.cuda_arch_list() or "(torch default)"))
+        rows.append(("eyecool_ext CUDA kernels emulated on the CPU", str(eyecool_ext.compiled_with_cuda_emulation())))
         rows.append(("eyecool_ext location", os.path.dirname(C.__file__)))
     else:
         rows.append(("eyecool_ext load error", repr(eyecool_ext.load_error())))

@@ -17,8 +17,9 @@ op                            ONNX                                              
 ``upsnet_panoptic_merge``, ``heuristic_panoptic_merge`` and ``pq_pair_counts`` have no mapping: the merge runs as
 a post-processing step on the exported network's outputs (``eyecool.export``), the others are evaluation ops.
 
-- TorchScript exporter (``torch.onnx.export(..., dynamo=False)``): importing ``eyecool_ext.onnx`` registers the
-  symbolic functions (:func:`register_symbolics`), so any module that calls the ops exports with opset >= 19.
+- TorchScript exporter (``torch.onnx.export(..., dynamo=False)``): importing ``eyecool_ext`` registers the
+  symbolic functions (:func:`register_symbolics`, through ``eyecool_ext.ops._registrations``), so any module
+  that calls the ops exports with opset >= 19.
 - Dynamo exporter (``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``): pass
   ``custom_translation_table=eyecool_ext.onnx.translation_table()``; :func:`export` does that for you.
 

@@ -8,7 +8,7 @@ from eyecool_ext.ops.panoptic_png import (PanopticPNG, UnsupportedPNG, decode_pa
                                           panoptic_png_pair_counts, panoptic_png_pq_statistics, parse_panoptic_png)
 from eyecool_ext.ops.pq_pair_counts import batched_pq_pair_counts, pq_pair_counts
 from eyecool_ext.ops.roi_align import MultiLevelRoIAlign, RoIAlign, multilevel_roi_align, roi_align
-from eyecool_ext.ops import autocast  # noqa: F401,E402  (registers the AutocastCPU / AutocastCUDA kernels)
+from eyecool_ext.ops import _registrations  # noqa: F401,E402  (autocast kernels, ONNX symbolics)
 
 __all__ = ["roi_align", "multilevel_roi_align", "RoIAlign", "MultiLevelRoIAlign", "deform_conv2d", "DeformConv2d",
            "fg_fusion", "upsnet_panoptic_merge", "upsnet_panoptic_merge_batch", "heuristic_panoptic_merge",

@@ -1,5 +1,8 @@
 """Every ONNX-mapped eyecool op, exported inside a small user module with both of torch's exporters and run in
 onnxruntime on the CPU, against the eager eyecool op (which the op tests tie to torchvision / plain PyTorch)."""
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -15,6 +18,7 @@ eyecool_onnx = pytest.importorskip("eyecool_ext.onnx")
 pytestmark = pytest.mark.skipif(not eyecool_ext.compiled(), reason="compiled extension not loaded")
 
 EXPORTERS = ["torchscript", "dynamo"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _onnxscript_or_skip(exporter):
@@ -172,16 +176,26 @@ def test_adaptive_pool_matrix_is_adaptive_avg_pool():
                                    atol=1e-6, rtol=1e-6)
 
 
-def test_plain_torch_onnx_export_after_import(tmp_path):
-    """``import eyecool_ext.onnx`` is all a user needs for ``torch.onnx.export`` (TorchScript exporter)."""
-    module = DeformBlock(True, 1, 1, 1)
-    x = torch.randn(1, 4, 8, 8)
+def test_plain_torch_onnx_export_after_import_eyecool_ext(tmp_path):
+    """The issue's failure (``UnsupportedOperatorError ... eyecool::deform_conv2d``) is gone for a user who only
+    imports ``eyecool_ext`` and calls ``torch.onnx.export`` (TorchScript exporter), in a fresh interpreter."""
+    script = (
+        "import sys, warnings, torch, eyecool_ext\n"
+        "warnings.simplefilter('ignore')\n"
+        "layer = eyecool_ext.ops.DeformConv2d(4, 6, 3, padding=1, modulated=True).eval()\n"
+        "torch.nn.init.normal_(layer.offset_conv.weight, std=0.5)\n"
+        "x = torch.randn(1, 4, 8, 8)\n"
+        "torch.onnx.export(layer, (x,), sys.argv[1], dynamo=False, opset_version=19)\n"
+        "torch.save((x, layer(x).detach()), sys.argv[1] + '.pt')\n")
     path = str(tmp_path / "m.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (x,), path, dynamo=False, opset_version=19)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")] + sys.path))
+    result = subprocess.run([sys.executable, "-c", script, path], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    x, expected = torch.load(path + ".pt")
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    assert_matches(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], module(x))
+    assert_matches(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], expected)
+    assert any(n.op_type == "DeformConv" for n in _graph(tmp_path).node)
 
 
 def test_opset_below_deform_conv_is_refused(tmp_path):

@@ -132,16 +132,6 @@ def autocast_on(*tensors: Tensor) -> bool:
     return False
 
 
-def apply_policy(op_name: str, fn: Callable, args: Sequence[Any]) -> Any:
-    """Run ``fn(*args)`` under ``op_name``'s policy with autocast off for the args' device (the Python-level path
-    that the reference implementations take; the dispatcher path is in ``eyecool_ext.ops.autocast``)."""
-    policy = POLICIES[op_name]
-    cast, back = cast_args(policy, args)
-    device_type = next(t.device.type for a in args for t in _tensors(a))
-    with torch.autocast(device_type, enabled=False):
-        return cast_outputs(fn(*cast), back)
-
-
 def reference_policy(op_name: str, arg_names: Sequence[str]) -> Callable[[Callable], Callable]:
     """Decorator for a reference implementation: under autocast, apply ``op_name``'s policy to the arguments
     named ``arg_names`` (positional order of the op's tensor arguments) and run the body with autocast off, so

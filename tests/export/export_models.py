@@ -1,8 +1,7 @@
-"""Small networks and images for the export tests: a tiny random network (for graph equality) and a tiny
-network trained for a few dozen iterations on a synthetic set (for PQ)."""
+"""A tiny random network and images for the export tests (the trained network of the PQ test is made by the
+fixture of test_onnx_model.py)."""
 from __future__ import annotations
 
-import os
 from typing import List, Tuple
 
 import torch

@@ -155,3 +155,32 @@ def test_predictor_on_an_image_file_matches_predict(trained):
     assert panoptic.shape == expected["panoptic_seg"].shape
     assert (panoptic == expected["panoptic_seg"]).mean() > 0.99
     assert {s["category_id"] for s in segments} == {s["category_id"] for s in expected["segments_info"]}
+
+
+def test_other_branches_export(tmp_path):
+    """The structure switches the trained network does not take: DAM off, RFF with the paper's logit gating,
+    plain 3x3 convolutions in the semantic branch (random weights, every detection kept)."""
+    from eyecool.export import InferenceNetwork, OnnxPanopticPredictor, pad_image, to_onnx
+
+    from export_models import images, random_network
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = random_network(1, "model.dam.enabled=false", "model.rff.mode=logit",
+                               "model.semantic_head.deformable=false")
+        assert model.balanced_pyramid is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = to_onnx(model, str(tmp_path / "net.onnx"), (64, 64))
+        predictor = OnnxPanopticPredictor(path, threads=1)
+        image = images([(56, 64)], seed=4)[0]
+        with torch.no_grad():
+            eager = InferenceNetwork(model, (64, 64))(pad_image(image, (64, 64)), torch.tensor((56, 64)))
+        got = predictor.run(image)
+    finally:
+        torch.set_num_threads(threads)
+    assert eager[1].shape[0] > 3
+    for a, b in zip(got, eager):
+        assert a.shape == tuple(b.shape)
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=1e-4)

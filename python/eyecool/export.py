@@ -232,7 +232,8 @@ def to_onnx(model: nn.Module, path: str, image_size: Tuple[int, int], *, opset_v
     Uses torch's dynamo exporter (``torch.export`` of the network, then onnxscript, with the eyecool ops'
     translations from ``eyecool_ext.onnx``). The TorchScript exporter handles the eyecool ops too
     (``eyecool_ext.onnx.export(..., dynamo=False)``) but not this network: it traces the output sizes of the
-    balanced pyramid's adaptive poolings as tensors and then refuses them.
+    balanced pyramid's adaptive poolings as tensors and refuses them (made constants, it then lacks the input
+    sizes those poolings need).
 
     Args:
         model: the trained network (put in eval mode; float32).

@@ -104,16 +104,19 @@ TORCH_LIBRARY(eyecool_emu, m) {
     if (op.has_cuda_kernel) m.def(op.schema);
   }
   // Caps the emulated grid at max_blocks blocks and the deformable convolution's column buffer at
-  // max_column_elements (0: the real limits); returns the previous two settings.
-  m.def("_set_launch_limits(int max_blocks, int max_column_elements) -> int[]",
-        [](int64_t max_blocks, int64_t max_column_elements) {
+  // max_column_elements (0: the real limits), and forces the 64-bit index path of the kernels that have a 32-bit
+  // one; returns the previous three settings (the last as 0 or 1).
+  m.def("_set_launch_limits(int max_blocks, int max_column_elements, bool force_64bit_index=False) -> int[]",
+        [](int64_t max_blocks, int64_t max_column_elements, bool force_64bit_index) {
           TORCH_CHECK(max_blocks >= 0 && max_column_elements >= 0,
                       "_set_launch_limits: limits must be >= 0 (0: the real limit), got ", max_blocks, " and ",
                       max_column_elements);
           auto& limits = eyecool::emulation::launch_limits();
-          const std::vector<int64_t> previous{limits.max_blocks, limits.max_column_elements};
+          const std::vector<int64_t> previous{limits.max_blocks, limits.max_column_elements,
+                                              limits.force_64bit_index ? 1 : 0};
           limits.max_blocks = max_blocks;
           limits.max_column_elements = max_column_elements;
+          limits.force_64bit_index = force_64bit_index;
           return previous;
         });
   // Emulated kernel launches since the extension was loaded.

@@ -53,11 +53,13 @@ struct Dim3 {
 };
 
 // Test settings: a cap on the grid (0: the real one) and on the deformable convolution's column buffer (0: the
-// real one), so that small tensors take the grid-stride rounds and batch chunks of real sizes. Settable from
-// Python through torch.ops.eyecool_emu._set_launch_limits.
+// real one), so that small tensors take the grid-stride rounds and batch chunks of real sizes; and the 64-bit
+// index path of the kernels that have a 32-bit one (deform_conv2d's sampling), which only tensors of 2^31
+// elements or more take otherwise. Settable from Python through torch.ops.eyecool_emu._set_launch_limits.
 struct LaunchLimits {
   int64_t max_blocks = 0;
   int64_t max_column_elements = 0;
+  bool force_64bit_index = false;
 };
 
 inline LaunchLimits& launch_limits() {

@@ -60,15 +60,17 @@ def emulated_cuda_kernels() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def launch_limits(max_blocks: int = 0, max_column_elements: int = 0) -> Iterator[None]:
+def launch_limits(max_blocks: int = 0, max_column_elements: int = 0,
+                  force_64bit_index: bool = False) -> Iterator[None]:
     """Emulated launches capped at ``max_blocks`` blocks of 256 threads, and deform_conv2d's column buffer at
     ``max_column_elements`` (0: the real limits), so that small tensors take the grid-stride rounds and the batch
-    chunks that real sizes take on a GPU."""
-    previous = torch.ops.eyecool_emu._set_launch_limits(max_blocks, max_column_elements)
+    chunks that real sizes take on a GPU; ``force_64bit_index`` runs the 64-bit index path of the kernels that
+    have a 32-bit one (deform_conv2d's sampling), which only tensors of 2^31 elements or more take otherwise."""
+    previous = torch.ops.eyecool_emu._set_launch_limits(max_blocks, max_column_elements, force_64bit_index)
     try:
         yield
     finally:
-        torch.ops.eyecool_emu._set_launch_limits(*previous)
+        torch.ops.eyecool_emu._set_launch_limits(previous[0], previous[1], bool(previous[2]))
 
 
 def launch_count() -> int:

@@ -16,12 +16,16 @@ Method
    other, and a called subroutine's own instructions are not counted in the loop; they are listed apart).
 3. The per-element loop is, among the innermost loops (those that contain no other loop) that load from global
    memory, the one that handles the most column elements per iteration (so nvcc's unrolled main loop, not its
-   remainder loop, and not im2col's loop that stores the zeros of a sample wholly outside the image). Elements per iteration are counted from the memory operations that
-   touch the column buffer once per element: im2col stores one column element (``STG``); col2im scatters each
+   remainder loop, and not im2col's loop that stores the zeros of a sample wholly outside the image). Elements
+   per iteration are counted from the memory operations that touch the column buffer once per element: im2col stores one column element (``STG``); col2im scatters each
    element to four input taps (``RED``/``ATOM``, 4 per element); coordinate_grad loads one column element and
    four input taps (``LDG``, 5 per element). Before the redesign the innermost loop of im2col and col2im is the
    grid-stride loop over column elements itself (1 element per iteration); after it, it is the loop over an
    offset group's channels, possibly unrolled by nvcc (so several elements per iteration).
+   Of loops with equal elements per iteration the shortest is taken (col2im has one loop for samples whose four
+   taps are all inside the image, without a branch per atomic, and one for samples on the border); the other
+   loops that handle column elements (nvcc's remainder loops, col2im's border loop) are listed apart, as
+   instructions per element / elements per iteration.
 4. Instructions per column element = loop instructions / elements per iteration. ``per sample`` is what the
    enclosing loop spends outside the per-element loop (index split, offsets, mask, bilinear taps): once per
    (image, offset group, kernel tap, output pixel), shared by the group's channels.
@@ -191,6 +195,7 @@ class Row:
     loop_divisions: tuple[int, int]
     kernel_divisions: tuple[int, int]
     divider_size: int
+    other_loops: list[tuple[float, int]]  # (instructions per element, elements per iteration) of the others
 
     @property
     def per_element(self) -> float:
@@ -209,9 +214,14 @@ def measure(kernel: Kernel, kind: str, dtype: str, index: str) -> Row:
     # with zeros (stores only, cheaper) is not the one that bounds the kernel.
     scored = [(elements_per_iteration(kind, body(s)), s) for s in innermost
               if any(i.opcode.startswith("LDG") for i in body(s))]
-    elements, span = max((e, s) for e, s in scored if e > 0)
-    if elements != int(elements):
-        raise RuntimeError(f"{kernel.mangled}: {elements} column elements per iteration is not an integer")
+    scored = [(e, len(body(s)), s) for e, s in scored if e > 0]
+    for e, _, _ in scored:
+        if e != int(e):
+            raise RuntimeError(f"{kernel.mangled}: {e} column elements per iteration is not an integer")
+    # Most elements per iteration; of equals, the shortest (col2im's loop for samples with all four taps inside
+    # the image, rather than its loop for samples on the border).
+    elements, _, span = max(scored, key=lambda x: (x[0], -x[1]))
+    others = [(n / e, int(e)) for e, n, s in scored if s != span]
     loop_body = body(span)
     # The loop around the per-element loop (the grid-stride loop over samples), if there is one.
     outer = [s for s in spans if s != span and s[0] <= span[0] and span[1] <= s[1]]
@@ -222,19 +232,21 @@ def measure(kernel: Kernel, kind: str, dtype: str, index: str) -> Row:
         per_sample = sum(1 for i in body(enclosing) if not any(s[0] <= i.address <= s[1] for s in inner))
     divider = max((kernel.subroutine_size(n) for n in kernel.subroutines if re.search(r"div|rem", n)), default=0)
     return Row(kind.removesuffix("_kernel"), dtype, index, len(loop_body), int(elements), per_sample,
-               divisions(kernel, loop_body), divisions(kernel, code), divider)
+               divisions(kernel, loop_body), divisions(kernel, code), divider, sorted(others))
 
 
 def table(rows: list[Row], markdown: bool) -> str:
     header = ["kernel", "dtype", "index", "loop instr", "elements/iter", "instr/element", "per sample",
-              "div in loop (calls+inlined)", "div in kernel (calls+inlined)", "divider routine"]
+              "div in loop (calls+inlined)", "div in kernel (calls+inlined)", "divider routine",
+              "other loops (instr/element, elements/iter)"]
     lines = []
     for r in rows:
         lines.append([r.kernel, r.dtype, r.index, str(r.loop_instructions), str(int(r.elements)),
                       f"{r.per_element:.1f}", "-" if r.per_sample is None else str(r.per_sample),
                       f"{r.loop_divisions[0]}+{r.loop_divisions[1]}",
                       f"{r.kernel_divisions[0]}+{r.kernel_divisions[1]}",
-                      f"{r.divider_size} instr" if r.divider_size else "-"])
+                      f"{r.divider_size} instr" if r.divider_size else "-",
+                      " ".join(f"{n:.1f}/{e}" for n, e in r.other_loops) or "-"])
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]

@@ -171,32 +171,32 @@ struct Sample {
 
 template <typename index_t>
 __device__ __forceinline__ Sample<index_t> decode_sample(const SampleGrid<index_t>& g, index_t index) {
-  Sample<index_t> at;
+  Sample<index_t> sample;
   const index_t row = g.plane.div(index);  // (nl * offset_groups + og) * taps + k
-  at.p = index - row * g.plane.divisor;
+  sample.p = index - row * g.plane.divisor;
   const index_t group = g.taps.div(row);   // nl * offset_groups + og
-  at.k = row - group * g.taps.divisor;
-  at.nl = g.offset_groups.div(group);
-  at.og = group - at.nl * g.offset_groups.divisor;
-  at.channel = g.first_channel + row;
-  return at;
+  sample.k = row - group * g.taps.divisor;
+  sample.nl = g.offset_groups.div(group);
+  sample.og = group - sample.nl * g.offset_groups.divisor;
+  sample.channel = g.first_channel + row;
+  return sample;
 }
 
 // The taps and modulation of a sample: computed once, shared by the offset group's channels.
 template <typename scalar_t, typename acc_t, typename index_t>
 __device__ __forceinline__ DeformTaps<acc_t> sample_taps(const KernelShape& s, const SampleGrid<index_t>& g,
                                                          const scalar_t* __restrict__ offset,
-                                                         const scalar_t* __restrict__ mask, const Sample<index_t>& at,
-                                                         acc_t* modulation) {
+                                                         const scalar_t* __restrict__ mask,
+                                                         const Sample<index_t>& sample, acc_t* modulation) {
   const index_t plane = g.plane.divisor;
-  const index_t oy = g.out_w.div(at.p), ox = at.p - oy * g.out_w.divisor;
-  const index_t ki = g.kernel_w.div(at.k), kj = at.k - ki * g.kernel_w.divisor;
-  const scalar_t* off = offset + at.channel * 2 * plane + at.p;
+  const index_t oy = g.out_w.div(sample.p), ox = sample.p - oy * g.out_w.divisor;
+  const index_t ki = g.kernel_w.div(sample.k), kj = sample.k - ki * g.kernel_w.divisor;
+  const scalar_t* off = offset + sample.channel * 2 * plane + sample.p;
   const acc_t y = deform_sampling_position<acc_t>(static_cast<int64_t>(oy), static_cast<int64_t>(ki), s.stride_h,
                                                   s.pad_h, s.dilation_h, static_cast<acc_t>(off[0]));
   const acc_t x = deform_sampling_position<acc_t>(static_cast<int64_t>(ox), static_cast<int64_t>(kj), s.stride_w,
                                                   s.pad_w, s.dilation_w, static_cast<acc_t>(off[plane]));
-  *modulation = mask ? static_cast<acc_t>(mask[at.channel * plane + at.p]) : acc_t(1);
+  *modulation = mask ? static_cast<acc_t>(mask[sample.channel * plane + sample.p]) : acc_t(1);
   return deform_bilinear_taps<acc_t>(s.height, s.width, y, x);
 }
 
@@ -216,8 +216,9 @@ __device__ __forceinline__ TapOffsets<index_t> tap_offsets(const DeformTaps<acc_
 // The index of columns[(c0 * K + k), nl * L + p], channel c0's row of the sample; channel c0 + i's is i column
 // steps further.
 template <typename index_t>
-__device__ __forceinline__ index_t first_column(const SampleGrid<index_t>& g, const Sample<index_t>& at, index_t c0) {
-  return ((c0 * g.taps.divisor + at.k) * g.chunk + at.nl) * g.plane.divisor + at.p;
+__device__ __forceinline__ index_t first_column(const SampleGrid<index_t>& g, const Sample<index_t>& sample,
+                                                index_t c0) {
+  return ((c0 * g.taps.divisor + sample.k) * g.chunk + sample.nl) * g.plane.divisor + sample.p;
 }
 
 template <typename index_t>
@@ -238,24 +239,40 @@ __global__ void im2col_kernel(KernelShape s, SampleGrid<index_t> g, const scalar
                               scalar_t* __restrict__ columns) {
   using acc_t = at::opmath_type<scalar_t>;
   for (index_t index = grid_start<index_t>(); index < g.total; index += grid_stride<index_t>()) {
-    const Sample<index_t> at = decode_sample(g, index);
+    const Sample<index_t> sample = decode_sample(g, index);
     acc_t m;
-    const DeformTaps<acc_t> t = sample_taps<scalar_t, acc_t>(s, g, offset, mask, at, &m);
-    const index_t c0 = at.og * g.channels_per_group;
-    index_t col = first_column(g, at, c0);
+    const DeformTaps<acc_t> t = sample_taps<scalar_t, acc_t>(s, g, offset, mask, sample, &m);
+    const index_t c0 = sample.og * g.channels_per_group;
+    index_t col = first_column(g, sample, c0);
     if (!t.any) {
       // A sample wholly outside the image is 0, whatever the mask (m * 0 would be NaN for an infinite mask).
       for (index_t cl = 0; cl < g.channels_per_group; ++cl, col += g.column_step) columns[col] = scalar_t(0);
       continue;
     }
     const TapOffsets<index_t> o = tap_offsets(t, g.width);
-    index_t img = ((g.n0 + at.nl) * g.channels + c0) * g.in_plane;
+    index_t img = ((g.n0 + sample.nl) * g.channels + c0) * g.in_plane;
     for (index_t cl = 0; cl < g.channels_per_group; ++cl, col += g.column_step, img += g.in_plane) {
       const acc_t value = deform_bilinear_value<acc_t>(
           t, static_cast<acc_t>(input[img + o.o1]), static_cast<acc_t>(input[img + o.o2]),
           static_cast<acc_t>(input[img + o.o3]), static_cast<acc_t>(input[img + o.o4]));
       columns[col] = static_cast<scalar_t>(m * value);
     }
+  }
+}
+
+// grad_input[img + o_i] += grad * w_i over the offset group's channels, at the sample's taps inside the image.
+// kAllTaps: all four are (the common case), and the loop runs without a branch per atomic.
+template <bool kAllTaps, typename scalar_t, typename acc_t, typename index_t>
+__device__ __forceinline__ void scatter_channels(const SampleGrid<index_t>& g, const DeformTaps<acc_t>& t,
+                                                 const TapOffsets<index_t>& o, acc_t m, index_t col, index_t img,
+                                                 const scalar_t* __restrict__ grad_columns,
+                                                 acc_t* __restrict__ grad_input) {
+  for (index_t cl = 0; cl < g.channels_per_group; ++cl, col += g.column_step, img += g.in_plane) {
+    const acc_t grad = m * static_cast<acc_t>(grad_columns[col]);
+    if (kAllTaps || t.in1) gpuAtomicAdd(grad_input + (img + o.o1), grad * t.w1);
+    if (kAllTaps || t.in2) gpuAtomicAdd(grad_input + (img + o.o2), grad * t.w2);
+    if (kAllTaps || t.in3) gpuAtomicAdd(grad_input + (img + o.o3), grad * t.w3);
+    if (kAllTaps || t.in4) gpuAtomicAdd(grad_input + (img + o.o4), grad * t.w4);
   }
 }
 
@@ -267,20 +284,18 @@ __global__ void col2im_kernel(KernelShape s, SampleGrid<index_t> g, const scalar
                               at::opmath_type<scalar_t>* __restrict__ grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
   for (index_t index = grid_start<index_t>(); index < g.total; index += grid_stride<index_t>()) {
-    const Sample<index_t> at = decode_sample(g, index);
+    const Sample<index_t> sample = decode_sample(g, index);
     acc_t m;
-    const DeformTaps<acc_t> t = sample_taps<scalar_t, acc_t>(s, g, offset, mask, at, &m);
+    const DeformTaps<acc_t> t = sample_taps<scalar_t, acc_t>(s, g, offset, mask, sample, &m);
     if (!t.any) continue;
-    const index_t c0 = at.og * g.channels_per_group;
+    const index_t c0 = sample.og * g.channels_per_group;
     const TapOffsets<index_t> o = tap_offsets(t, g.width);
-    index_t col = first_column(g, at, c0);
-    index_t img = ((g.n0 + at.nl) * g.channels + c0) * g.in_plane;
-    for (index_t cl = 0; cl < g.channels_per_group; ++cl, col += g.column_step, img += g.in_plane) {
-      const acc_t grad = m * static_cast<acc_t>(grad_columns[col]);
-      if (t.in1) gpuAtomicAdd(grad_input + img + o.o1, grad * t.w1);
-      if (t.in2) gpuAtomicAdd(grad_input + img + o.o2, grad * t.w2);
-      if (t.in3) gpuAtomicAdd(grad_input + img + o.o3, grad * t.w3);
-      if (t.in4) gpuAtomicAdd(grad_input + img + o.o4, grad * t.w4);
+    const index_t col = first_column(g, sample, c0);
+    const index_t img = ((g.n0 + sample.nl) * g.channels + c0) * g.in_plane;
+    if (t.in1 && t.in2 && t.in3 && t.in4) {
+      scatter_channels<true>(g, t, o, m, col, img, grad_columns, grad_input);
+    } else {
+      scatter_channels<false>(g, t, o, m, col, img, grad_columns, grad_input);
     }
   }
 }
@@ -294,15 +309,15 @@ __global__ void coordinate_grad_kernel(KernelShape s, SampleGrid<index_t> g,
                                        scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask) {
   using acc_t = at::opmath_type<scalar_t>;
   for (index_t index = grid_start<index_t>(); index < g.total; index += grid_stride<index_t>()) {
-    const Sample<index_t> at = decode_sample(g, index);
+    const Sample<index_t> sample = decode_sample(g, index);
     acc_t m;
-    const DeformTaps<acc_t> t = sample_taps<scalar_t, acc_t>(s, g, offset, mask, at, &m);
+    const DeformTaps<acc_t> t = sample_taps<scalar_t, acc_t>(s, g, offset, mask, sample, &m);
     acc_t s1 = 0, s2 = 0, s3 = 0, s4 = 0;
     if (t.touches) {
-      const index_t c0 = at.og * g.channels_per_group;
+      const index_t c0 = sample.og * g.channels_per_group;
       const TapOffsets<index_t> o = tap_offsets(t, g.width);
-      index_t col = first_column(g, at, c0);
-      index_t img = ((g.n0 + at.nl) * g.channels + c0) * g.in_plane;
+      index_t col = first_column(g, sample, c0);
+      index_t img = ((g.n0 + sample.nl) * g.channels + c0) * g.in_plane;
       for (index_t cl = 0; cl < g.channels_per_group; ++cl, col += g.column_step, img += g.in_plane) {
         const acc_t grad = static_cast<acc_t>(grad_columns[col]);
         // Taps outside the image were clamped onto it; their products are dropped by the shared functions.
@@ -315,10 +330,11 @@ __global__ void coordinate_grad_kernel(KernelShape s, SampleGrid<index_t> g,
     acc_t grad_y, grad_x;
     deform_coordinate_gradient<acc_t>(t, s1, s2, s3, s4, &grad_y, &grad_x);
     const index_t plane = g.plane.divisor;
-    grad_offset[at.channel * 2 * plane + at.p] = static_cast<scalar_t>(m * grad_y);
-    grad_offset[(at.channel * 2 + 1) * plane + at.p] = static_cast<scalar_t>(m * grad_x);
+    grad_offset[sample.channel * 2 * plane + sample.p] = static_cast<scalar_t>(m * grad_y);
+    grad_offset[(sample.channel * 2 + 1) * plane + sample.p] = static_cast<scalar_t>(m * grad_x);
     if (grad_mask) {
-      grad_mask[at.channel * plane + at.p] = static_cast<scalar_t>(deform_bilinear_value<acc_t>(t, s1, s2, s3, s4));
+      grad_mask[sample.channel * plane + sample.p] =
+          static_cast<scalar_t>(deform_bilinear_value<acc_t>(t, s1, s2, s3, s4));
     }
   }
 }

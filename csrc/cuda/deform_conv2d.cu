@@ -330,8 +330,10 @@ __global__ void coordinate_grad_kernel(KernelShape s, SampleGrid<index_t> g,
     acc_t grad_y, grad_x;
     deform_coordinate_gradient<acc_t>(t, s1, s2, s3, s4, &grad_y, &grad_x);
     const index_t plane = g.plane.divisor;
-    grad_offset[sample.channel * 2 * plane + sample.p] = static_cast<scalar_t>(m * grad_y);
-    grad_offset[(sample.channel * 2 + 1) * plane + sample.p] = static_cast<scalar_t>(m * grad_x);
+    // A sample off the image has no offset gradient, whatever the mask (m * 0 would be NaN for an infinite one).
+    grad_offset[sample.channel * 2 * plane + sample.p] = static_cast<scalar_t>(t.touches ? m * grad_y : acc_t(0));
+    grad_offset[(sample.channel * 2 + 1) * plane + sample.p] =
+        static_cast<scalar_t>(t.touches ? m * grad_x : acc_t(0));
     if (grad_mask) {
       grad_mask[sample.channel * plane + sample.p] =
           static_cast<scalar_t>(deform_bilinear_value<acc_t>(t, s1, s2, s3, s4));

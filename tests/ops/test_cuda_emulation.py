@@ -270,6 +270,11 @@ def test_finding5_sample_outside_the_image_is_zero_whatever_the_mask():
     out = emu.deform_conv2d(x, offset, weight, mask, bias, *conv)
     assert torch.equal(out, cpu.deform_conv2d(x, offset, weight, mask, bias, *conv))
     assert torch.equal(out, bias.view(1, 3, 1, 1).expand(1, 3, 5, 5))
+    # And no gradient at all: the offset gradient is 0, not inf * 0.
+    grad = torch.randn(1, 3, 5, 5)
+    for g_emu, g_cpu in zip(emu._deform_conv2d_backward(grad, x, offset, weight, mask, *conv),
+                            cpu._deform_conv2d_backward(grad, x, offset, weight, mask, *conv)):
+        assert torch.equal(g_emu, g_cpu)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

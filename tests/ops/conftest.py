@@ -53,7 +53,7 @@ def pytest_terminal_summary(terminalreporter):
     outcomes = {}
     for outcome in ("passed", "failed", "skipped", "error"):
         outcomes[outcome] = sum(1 for r in terminalreporter.stats.get(outcome, [])
-                                if "cuda_emulated" in getattr(r, "nodeid", ""))
+                                if cuda_emulation.runs_emulated_kernels(getattr(r, "nodeid", "")))
     if any(outcomes.values()):
         terminalreporter.section("emulated CUDA kernels")
         terminalreporter.write_line(

@@ -32,6 +32,16 @@ EMULATED_TEST_MODULES = {
 }
 
 
+# The test modules that call the emulated kernels (torch.ops.eyecool_emu) directly, on every run.
+EMULATION_TEST_MODULES = {"test_cuda_emulation", "test_deform_conv2d_cuda_paths"}
+
+
+def runs_emulated_kernels(nodeid: str) -> bool:
+    """Whether the test of pytest node ``nodeid`` runs the emulated CUDA kernels."""
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return "cuda_emulated" in nodeid or module in EMULATION_TEST_MODULES
+
+
 def available() -> bool:
     """Whether the loaded extension holds the emulated CUDA kernels (``torch.ops.eyecool_emu``)."""
     return eyecool_ext.compiled_with_cuda_emulation()

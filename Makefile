@@ -67,7 +67,13 @@ sanitize:
 	@test -x $(PY) || { echo "$(PY) not found: run make install first, or pass PY=/path/to/python"; exit 1; }
 	mkdir -p $(SANITIZE_DIR)/eyecool_ext $(SANITIZE_DIR)/site
 	echo 'import sys; sys.modules["triton"] = None  # written by make sanitize' > $(SANITIZE_DIR)/site/sitecustomize.py
-	rm -rf $(SANITIZE_DIR)/csrc && cp -rp setup.py pyproject.toml csrc $(SANITIZE_DIR)/
+	cp -p setup.py pyproject.toml $(SANITIZE_DIR)/
+	@# Only the sources that changed are copied, with a fresh time stamp: ninja compares time stamps, and a source
+	@# copied with its own, older one would look older than an object built from its previous copy.
+	cd csrc && find . -type f | while read -r f; do cmp -s "$$f" "$(CURDIR)/$(SANITIZE_DIR)/csrc/$$f" || \
+	  { mkdir -p "$$(dirname "$(CURDIR)/$(SANITIZE_DIR)/csrc/$$f")" && cp "$$f" "$(CURDIR)/$(SANITIZE_DIR)/csrc/$$f"; }; done
+	mkdir -p $(SANITIZE_DIR)/csrc && cd $(SANITIZE_DIR)/csrc && find . -type f | while read -r f; do \
+	  test -e "$(CURDIR)/csrc/$$f" || rm -f "$$f"; done
 	find $(SANITIZE_DIR)/eyecool_ext -name '*.py' -delete
 	cd eyecool_ext && find . -name '*.py' -exec cp -p --parents {} $(CURDIR)/$(SANITIZE_DIR)/eyecool_ext/ \;
 	cd $(SANITIZE_DIR) && CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="$(SANITIZE_FLAGS)" $(abspath $(PY)) setup.py -q build_ext --inplace

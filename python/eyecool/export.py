@@ -93,15 +93,7 @@ class InferenceNetwork(nn.Module):
         m = self.model
         height = image_size[0].to(torch.float32)
         width = image_size[1].to(torch.float32)
-        pyramid = m.fpn(m.backbone(image))
-        sem_logits, sem_feat = m.semantic_head(pyramid[:4])
-        if m.balanced_pyramid is not None:
-            balanced = m.balanced_pyramid(pyramid[:4])
-            instance_features = balanced + [F.max_pool2d(balanced[-1], kernel_size=1, stride=2)]
-            mask_features = m.semantic_to_mask(sem_feat, balanced)
-        else:
-            instance_features = pyramid
-            mask_features = pyramid[:4]
+        _, sem_logits, _, instance_features, mask_features = m.branch_features(image)
         proposals = self._proposals(instance_features, sem_logits, height, width)
         boxes, scores, classes, mask_logits = self._detections(instance_features[:4], mask_features, proposals,
                                                                height, width)

@@ -83,6 +83,14 @@ def launch_limits(max_blocks: int = 0, max_column_elements: int = 0,
         torch.ops.eyecool_emu._set_launch_limits(previous[0], previous[1], bool(previous[2]))
 
 
+def assert_kernels_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """An emulated CUDA result against the CPU kernel's in ``dtype``: the same arithmetic, rounded at different
+    steps (the CUDA kernels round half and bfloat16 columns, the CPU runs them in float)."""
+    atol, rtol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5), torch.float16: (2e-2, 1e-2),
+                  torch.bfloat16: (1e-1, 4e-2)}[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
 def launch_count() -> int:
     """Emulated kernel launches so far."""
     return torch.ops.eyecool_emu._launch_count()

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import cuda_emulation
+from cuda_emulation import assert_kernels_close as close
 from cuda_emulation import launch_count, launch_limits
 from op_tester import LAYOUTS, assert_close, to_layout
 from test_deform_conv2d import make_inputs
@@ -36,17 +37,6 @@ emu = torch.ops.eyecool_emu
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Grids of 1 and 3 blocks: every thread runs many grid-stride rounds at these sizes.
 TINY_GRIDS = [0, 1, 3]
-
-
-def half_tolerance(dtype):
-    """(atol, rtol) between two kernels that both run in ``dtype`` but round at different steps."""
-    return {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5), torch.float16: (2e-2, 1e-2),
-            torch.bfloat16: (1e-1, 4e-2)}[dtype]
-
-
-def close(actual, expected, dtype):
-    atol, rtol = half_tolerance(dtype)
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
 
 
 # ---- every op, every dtype, every layout, against the CPU op; also on a tiny grid ----

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import cuda_emulation
+from cuda_emulation import assert_kernels_close as close
 from cuda_emulation import emulated_cuda_kernels, launch_limits
 from eyecool_ext import ops
 from test_deform_conv2d import make_inputs, output_size
@@ -40,17 +41,6 @@ CASES = {
     "anisotropic": dict(in_channels=6, out_channels=4, offset_groups=2, kernel=(3, 2), stride=(1, 2),
                         padding=(1, 0), dilation=(2, 1), size=(8, 9)),
 }
-
-
-def tolerance(dtype):
-    """(atol, rtol) between the emulated CUDA kernels and the CPU kernels, which round at different steps."""
-    return {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5), torch.float16: (2e-2, 1e-2),
-            torch.bfloat16: (1e-1, 4e-2)}[dtype]
-
-
-def close(actual, expected, dtype):
-    atol, rtol = tolerance(dtype)
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
 
 
 def conv_args(case):

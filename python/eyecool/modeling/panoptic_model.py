@@ -99,6 +99,21 @@ class PanopticModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- network
 
+    def branch_features(self, x: Tensor) -> Tuple[List[Tensor], Tensor, Tensor, List[Tensor], List[Tensor]]:
+        """The two branches' features of a padded batch ``x`` ``[B, 3, Hp, Wp]``: (pyramid [P2..P6], sem_logits
+        ``[B, S + K, Hp/4, Wp/4]``, sem_feat, instance_features (balanced with DAM, [P2..P6]), mask_features
+        ([P2..P5], with the semantic-to-mask path under DAM)). Shared by the model and its export wrapper."""
+        pyramid = self.fpn(self.backbone(x))
+        sem_logits, sem_feat = self.semantic_head(pyramid[:4])
+        if self.balanced_pyramid is not None:
+            balanced = self.balanced_pyramid(pyramid[:4])
+            instance_features = balanced + [F.max_pool2d(balanced[-1], kernel_size=1, stride=2)]
+            mask_features = self.semantic_to_mask(sem_feat, balanced)
+        else:
+            instance_features = pyramid
+            mask_features = pyramid[:4]
+        return pyramid, sem_logits, sem_feat, instance_features, mask_features
+
     def forward_features(self, images: Tensor, image_sizes: SizeLike,
                          gt_boxes: Optional[List[Tensor]] = None) -> Dict[str, object]:
         """Everything up to the proposals, exposed for tests and analysis.
@@ -110,15 +125,7 @@ class PanopticModel(nn.Module):
         """
         sizes = self._sizes_tensor(image_sizes, images.device)
         x = self.pad(images)
-        pyramid = self.fpn(self.backbone(x))
-        sem_logits, sem_feat = self.semantic_head(pyramid[:4])
-        if self.balanced_pyramid is not None:
-            balanced = self.balanced_pyramid(pyramid[:4])
-            instance_features = balanced + [F.max_pool2d(balanced[-1], kernel_size=1, stride=2)]
-            mask_features = self.semantic_to_mask(sem_feat, balanced)
-        else:
-            instance_features = pyramid
-            mask_features = pyramid[:4]
+        pyramid, sem_logits, sem_feat, instance_features, mask_features = self.branch_features(x)
         rff_input = sem_logits.detach() if self.detach_fg else sem_logits
         rpn = self.rpn(instance_features, sizes, gt_boxes, rff_input if self.rpn.fg_fusion is not None else None)
         return {"fpn": pyramid, "sem_logits": sem_logits, "sem_feat": sem_feat, "instance_features": instance_features,

@@ -90,7 +90,8 @@ def build_extensions(cuda_home):
         # The host-compiled copies of csrc/cuda/*.cu (each csrc/emulation/<op>.cpp includes its .cu file).
         sources += sorted(glob.glob(os.path.join("csrc", "emulation", "*.cpp")))
         define_macros.append(("EYECOOL_WITH_CUDA_EMULATION", None))
-    # libdl: dlopen of libdeflate at run time (csrc/cpu/libdeflate_runtime.cpp; part of libc since glibc 2.34).
+    # libdl: the PNG reader's inflater (libdeflate, else zlib) is found with dlopen at run time, not linked
+    # (csrc/cpu/png_inflate.h; libdl is part of libc since glibc 2.34).
     extra_link = ["-fopenmp", "-ldl"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     nvcc_flags = []

@@ -36,32 +36,23 @@ constexpr OpSchema kSchemas[] = {
     // int64 of one data-dependent length P.
     {"pq_pair_counts(Tensor gt_ids, Tensor pred_ids) -> (Tensor, Tensor, Tensor, Tensor)",
      true},
-    // Panoptic PNG decoding after inflation: the scanlines (filter byte + row bytes, per row) of an 8-bit RGB or
-    // RGBA PNG -> int32 [height, width] segment ids R + 256 G + 256^2 B. CPU only.
-    {"panoptic_png_ids(Tensor scanlines, SymInt height, SymInt width, int channels) -> Tensor",
+    // The panoptic PNG reader (cpu/panoptic_png_reader.cpp): the file at `path` -> int32 [H, W] segment ids
+    // R + 256 G + 256^2 B; an empty [0, 0] tensor for a file it does not handle (unreadable, corrupt, not an
+    // 8-bit RGB / RGBA PNG, no inflater found), which the caller then gives to PIL. CPU only.
+    {"read_panoptic_png(str path) -> Tensor",
      false},
-    // Both at once for a gt and a prediction PNG of one size, counted as pq_pair_counts counts one image pair,
-    // without writing either id map: (gt_id, pred_id, count), int64, sorted by (gt_id, pred_id). CPU only.
-    {"panoptic_png_pair_counts(Tensor gt_scanlines, Tensor pred_scanlines, SymInt height, SymInt width, "
-     "int gt_channels, int pred_channels) -> (Tensor, Tensor, Tensor)",
-     false},
-    // And then the image's PQ statistics (panopticapi's matching rules) from its segment tables: gt_segments
-    // int64 [4, G] (ids ascending, category index, iscrowd, area), pred_segments [2, S] (ids ascending, category
-    // index), crowd_of_category int64 [C] (the gt crowd id per category or -1). Returns (problem [1], category
-    // [k], iou_sum [k] float64, tp [k], fp [k], fn [k]) over the k categories the image touches; problem != 0
-    // (no statistics) when a PNG and its segments disagree. CPU only.
-    {"panoptic_png_pq_statistics(Tensor gt_scanlines, Tensor pred_scanlines, SymInt height, SymInt width, "
-     "int gt_channels, int pred_channels, Tensor gt_segments, Tensor pred_segments, Tensor crowd_of_category, "
-     "int num_categories) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-     false},
-    // The same from the two PNG files' paths: reading, chunk CRCs and inflation (libdeflate) in C++ too, so that
-    // one GIL-free call does an image. problem 5: something this fast path does not handle (an unreadable or
-    // unusual PNG, two sizes, no libdeflate): the caller then takes the path that reports it. CPU only.
+    // One image's PQ statistics (panopticapi's matching rules) from its gt and predicted PNG files, in one call
+    // that reads, inflates, pair-counts (without writing either id map) and matches: gt_segments int64 [4, G]
+    // (ids ascending, category index, iscrowd, area), pred_segments [2, S] (ids ascending, category index),
+    // crowd_of_category int64 [C] (the gt crowd id per category or -1). Returns (problem [1], category [k],
+    // iou_sum [k] float64, tp [k], fp [k], fn [k]) over the k categories the image touches; problem != 0 (no
+    // statistics): 1-4 a PNG and its segments disagree, 5 a file the reader does not handle or two sizes. CPU
+    // only.
     {"panoptic_png_file_pq_statistics(str gt_path, str pred_path, Tensor gt_segments, Tensor pred_segments, "
      "Tensor crowd_of_category, int num_categories) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
      false},
-    // Loads libdeflate for panoptic_png_file_pq_statistics from the first of `paths` that loads; its index or -1.
-    {"_load_libdeflate(str[] paths) -> int",
+    // The inflater the PNG reader found (cpu/png_inflate.h): "libdeflate", "zlib", or "" for none.
+    {"_png_inflater() -> str",
      false},
     // Deformable convolution, DCN v1 (mask None) and modulated v2; torchvision's semantics with the weight groups
     // and offset groups inferred from the shapes. The backward returns (grad_input, grad_offset, grad_weight,

@@ -62,8 +62,7 @@ POLICIES: Dict[str, AutocastPolicy] = {
 }
 # Ops whose inputs are all integer (ids, PNG bytes): autocast has nothing to cast, and the dispatcher's
 # fallthrough for the Autocast keys runs them unchanged. Listed so that "every op" is checked by the tests.
-INTEGER_OPS: Tuple[str, ...] = ("pq_pair_counts", "panoptic_png_ids", "panoptic_png_pair_counts",
-                                "panoptic_png_pq_statistics", "panoptic_png_file_pq_statistics")
+INTEGER_OPS: Tuple[str, ...] = ("pq_pair_counts", "read_panoptic_png", "panoptic_png_file_pq_statistics")
 
 
 def _tensors(value: Any) -> Iterable[Tensor]:

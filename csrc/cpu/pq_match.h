@@ -1,7 +1,7 @@
 // Panoptic quality's per-image matching (panopticapi's pq_compute_single_core), in C++ so that pq_compute's
 // worker threads run a whole image without the GIL. It is the same computation, in the same order, as the numpy
 // reference eyecool.evaluation.panoptic_quality.match_segments (the rules are in that module's docstring and
-// DESIGN.md section 8); the floating-point IoU sums add up in the same order, so the results are bit-identical.
+// docs/design.md section 8); the floating-point IoU sums add up in the same order, so the results are bit-identical.
 #pragma once
 
 #include <algorithm>

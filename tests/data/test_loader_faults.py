@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from eyecool.data import CocoPanopticDataset
-from eyecool.data.coco_panoptic import PanopticFormatError, id2rgb, load_panoptic_png
+from eyecool.panoptic_format import PanopticFormatError, id2rgb, read_id_map
 from eyecool.data.synthetic import generate_synthetic_dataset
 
 
@@ -113,7 +113,7 @@ def test_png_segment_absent_from_the_json(split):
     data = _json(split)
     annotation = data["annotations"][3]
     png_path = os.path.join(split.png_dir, annotation["file_name"])
-    ids = load_panoptic_png(png_path)
+    ids = read_id_map(png_path)
     ids[0, 0] = 4242  # a segment no JSON entry describes
     Image.fromarray(id2rgb(ids)).save(png_path)
     with pytest.raises(PanopticFormatError, match=f"{annotation['file_name']}: segment 4242 is in the PNG"):

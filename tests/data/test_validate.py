@@ -37,7 +37,7 @@ def broken_copy(synthetic_splits, tmp_path):
     dropped = annotations[0]["segments_info"].pop()
     expected.append((annotations[0]["file_name"], f"segment {dropped['id']} is in the PNG"))
     annotations[1]["segments_info"].append({"id": 4242, "category_id": 1, "area": 10, "bbox": [0, 0, 1, 1], "iscrowd": 0})
-    expected.append((annotations[1]["file_name"], "segment 4242 is in the JSON but not in the PNG"))
+    expected.append((annotations[1]["file_name"], "segment 4242 is in segments_info but not in the PNG"))
     segment = annotations[2]["segments_info"][0]
     segment["category_id"] = 999
     expected.append((annotations[2]["file_name"], f"segment {segment['id']} has unknown category_id 999"))

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from eyecool.evaluation import PanopticFormatError, format_table, pq_compute, summary, write_summary_json
-from eyecool.evaluation.panoptic_quality import (CategoryTable, file_pair_counts, file_statistics, match_segments,
-                                                 read_id_map, segment_table)
-from eyecool_ext import _extension, ops
+from eyecool.evaluation.panoptic_quality import (CategoryTable, file_statistics, match_segments, pair_counts,
+                                                 segment_table)
+from eyecool.panoptic_format import read_id_map
+from eyecool_ext import ops
 from panoptic_data import CATEGORIES, id_map_to_rgb, random_pair, segments_info, write_split
 
 try:
@@ -249,8 +250,13 @@ def test_read_id_map_falls_back_to_pil_for_other_png_kinds(tmp_path):
     assert np.array_equal(read_id_map(str(tmp_path / "palette.png")), ids)
 
 
-needs_compiled_statistics = pytest.mark.skipif(not _extension.has_op("panoptic_png_pq_statistics"),
-                                               reason="needs the compiled panoptic_png_pq_statistics kernel")
+needs_compiled_statistics = pytest.mark.skipif(not ops.file_pq_statistics_available(),
+                                               reason="needs the compiled PNG reader and an inflater")
+
+
+def file_pair_counts(gt_path, pred_path):
+    """The fallback's pair counts of two PNG files: both id maps read, then pq_pair_counts."""
+    return pair_counts(read_id_map(gt_path), read_id_map(pred_path))
 
 
 def _pngs_and_tables(tmp_path, gt_image, pred_image):
@@ -268,26 +274,20 @@ def _pngs_and_tables(tmp_path, gt_image, pred_image):
 @needs_compiled_statistics
 @pytest.mark.parametrize("seed", range(6))
 def test_cpp_matching_is_bit_identical_to_the_numpy_rules(tmp_path, seed):
-    """panoptic_png_pq_statistics (pair counts and matching in one C++ call) against match_segments of the pair
-    counts: the same categories, counts and IoU sums, to the last bit."""
+    """panoptic_png_file_pq_statistics (reading, pair counts and matching in one C++ call) against match_segments
+    of the pair counts of the two id maps: the same categories, counts and IoU sums, to the last bit."""
     rng = np.random.default_rng(100 + seed)
     gt_image, pred_image = random_pair(rng, 0, height=40, width=56)
     paths, gt_table, pred_table, num_categories = _pngs_and_tables(tmp_path, gt_image, pred_image)
-    gt_png, pred_png = (ops.parse_panoptic_png(open(p, "rb").read()) for p in paths)
     tables = (gt_table.packed(True), pred_table.packed(False), torch.from_numpy(gt_table.crowd_of_category),
               num_categories)
-    problem, *fused = ops.panoptic_png_pq_statistics(gt_png, pred_png, *tables)
-    assert problem == 0
     expected = match_segments(file_pair_counts(*paths), gt_table, pred_table, num_categories, 0)
     expected = (expected.category, expected.iou, expected.tp, expected.fp, expected.fn)
-    for ours, theirs in zip(fused, expected):
-        assert np.array_equal(ours.numpy(), theirs)
     assert sum(int(x.sum()) for x in expected[2:]) > 0
-    if ops.file_pq_statistics_available():  # the same from the files, parsed and inflated in C++
-        problem, *from_files = ops.panoptic_png_file_pq_statistics(*paths, *tables)
-        assert problem == 0
-        for ours, theirs in zip(from_files, expected):
-            assert np.array_equal(ours.numpy(), theirs)
+    problem, *from_files = ops.panoptic_png_file_pq_statistics(*paths, *tables)
+    assert problem == 0
+    for ours, theirs in zip(from_files, expected):
+        assert np.array_equal(ours.numpy(), theirs)
 
 
 @needs_compiled_statistics
@@ -303,9 +303,8 @@ def test_cpp_matching_reports_png_and_table_disagreements(tmp_path, kind):
     else:
         side["segments_info"] = side["segments_info"] + [{"id": 9, "category_id": 1, "iscrowd": 0, "area": 1}]
     paths, gt_table, pred_table, num_categories = _pngs_and_tables(tmp_path, gt_image, pred_image)
-    gt_png, pred_png = (ops.parse_panoptic_png(open(p, "rb").read()) for p in paths)
-    problem, *stats = ops.panoptic_png_pq_statistics(gt_png, pred_png, gt_table.packed(True), pred_table.packed(False),
-                                                     torch.from_numpy(gt_table.crowd_of_category), num_categories)
+    problem, *stats = ops.panoptic_png_file_pq_statistics(*paths, gt_table.packed(True), pred_table.packed(False),
+                                                          torch.from_numpy(gt_table.crowd_of_category), num_categories)
     assert problem == kind and all(s.numel() == 0 for s in stats)
     with pytest.raises(PanopticFormatError, match="segment (2|9) is in"):
         file_statistics(*paths, gt_table, pred_table, num_categories, 0)
@@ -330,8 +329,7 @@ def test_first_bad_image_in_order_raises_across_blocks(tmp_path, workers):
         pq_compute(gt_json, pred_json, gt_dir, pred_dir, num_workers=workers, verbose=False)
 
 
-needs_file_statistics = pytest.mark.skipif(not ops.file_pq_statistics_available(),
-                                           reason="needs the compiled kernel and libdeflate")
+needs_file_statistics = needs_compiled_statistics
 
 
 def _png_chunks(data):

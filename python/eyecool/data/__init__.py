@@ -1,16 +1,9 @@
 """Data: the COCO panoptic reader (``CocoPanopticDataset``), its transforms and batching, the data set checker
 (``eyecool validate-data``) and the synthetic data set in COCO's format (``eyecool synth``)."""
-from .coco_panoptic import (
-    IGNORE_LABEL,
-    VOID_ID,
-    CocoPanopticDataset,
-    DatasetMeta,
-    PanopticFormatError,
-    build_targets,
-    id2rgb,
-    load_coco_categories,
-    rgb2id,
-)
+# The format's names that the data API has always exported (eyecool.panoptic_format is their home).
+from eyecool.panoptic_format import VOID_ID, PanopticFormatError, id2rgb, load_coco_categories, rgb2id
+
+from .coco_panoptic import IGNORE_LABEL, CocoPanopticDataset, DatasetMeta, build_targets
 from .collate import (
     SIZE_DIVISIBILITY,
     PanopticBatch,

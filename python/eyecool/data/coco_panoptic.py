@@ -1,17 +1,15 @@
-"""The COCO panoptic format: segment id <-> RGB conversion, the category label space, and the data set reader.
+"""The COCO panoptic data set reader and the category label space (the format itself is
+``eyecool.panoptic_format``).
 
-The network's label space (DESIGN.md section 5) is contiguous: the S stuff classes first, then the K thing
+The network's label space (docs/design.md section 5) is contiguous: the S stuff classes first, then the K thing
 classes, void = 255; the detector's classes are the K things, 0..K-1. Data sets (COCO, the synthetic set) use
 their own, non-contiguous category ids. ``DatasetMeta`` holds the categories and converts between the two, so
 that targets are built in contiguous ids and predictions are written back with the dataset's ids.
 
-Format (DESIGN.md section 7): ``panoptic_<split>.json`` lists ``images``, ``annotations`` (``image_id``,
-``file_name`` of the PNG, ``segments_info``) and ``categories``; a PNG per image stores segment id
-R + 256 G + 256^2 B per pixel, 0 = void.
+The val split is read without targets (``with_targets=False``): the evaluator reads each gt PNG itself, once.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -21,36 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-VOID_ID = 0
+from eyecool.panoptic_format import (VOID_ID, PanopticFormatError, check_segments, load_json, load_panoptic_json,
+                                     read_id_map)
+
 IGNORE_LABEL = 255
 ON_ERROR_POLICIES = ("raise", "skip")
-
-_COCO_CATEGORIES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_panoptic_categories.json")
-
-
-def rgb2id(color: np.ndarray) -> np.ndarray:
-    """Segment ids of a panoptic PNG: ``[H, W, 3]`` uint8 -> ``[H, W]`` uint32 (R + 256 G + 256^2 B)."""
-    color = np.asarray(color)
-    if color.ndim != 3 or color.shape[2] != 3:
-        raise ValueError(f"rgb2id: expected an [H, W, 3] array, got shape {tuple(color.shape)}")
-    color = color.astype(np.uint32)
-    return color[..., 0] + (color[..., 1] << 8) + (color[..., 2] << 16)
-
-
-def id2rgb(ids: np.ndarray) -> np.ndarray:
-    """Inverse of ``rgb2id``: ``[H, W]`` integer ids (< 2^24) -> ``[H, W, 3]`` uint8."""
-    ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 24):
-        raise ValueError(f"id2rgb: segment ids must lie in [0, 2^24), got range [{ids.min()}, {ids.max()}]")
-    ids = ids.astype(np.uint32)
-    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
-
-
-def load_coco_categories() -> List[Dict[str, Any]]:
-    """COCO's 133 panoptic categories (panopticapi's panoptic_coco_categories.json): 80 things with ids in
-    1..90 and 53 stuff with ids in 92..200, each with ``id``, ``name``, ``isthing``, ``color``, ``supercategory``."""
-    with open(_COCO_CATEGORIES_FILE) as f:
-        return json.load(f)
 
 
 @dataclass(frozen=True)
@@ -89,8 +62,7 @@ class DatasetMeta:
     def from_json_file(cls, json_file: str) -> "DatasetMeta":
         """The categories of a ``panoptic_<split>.json`` (or of a bare categories list such as
         coco_panoptic_categories.json)."""
-        with open(json_file) as f:
-            data = json.load(f)
+        data = load_json(json_file)
         return cls.from_categories(data["categories"] if isinstance(data, dict) else data)
 
     def to_categories(self) -> List[Dict[str, Any]]:
@@ -167,128 +139,6 @@ class DatasetMeta:
         return self.thing_ids[int(thing_index)]
 
 
-class PanopticFormatError(ValueError):
-    """A data set that breaks the COCO panoptic format; the message names the file and the segment."""
-
-
-def panoptic_png_path(png_dir: str, annotation: Dict[str, Any]) -> str:
-    return os.path.join(png_dir, annotation["file_name"])
-
-
-def load_panoptic_png(path: str) -> np.ndarray:
-    """Segment id map ``[H, W]`` uint32 of a panoptic PNG."""
-    with Image.open(path) as png:
-        return rgb2id(np.asarray(png.convert("RGB")))
-
-
-def check_segments(
-    annotation: Dict[str, Any],
-    ids: np.ndarray,
-    counts: np.ndarray,
-    meta: DatasetMeta,
-    png_name: str,
-) -> List[str]:
-    """Problems of one annotation against its PNG, given the PNG's unique segment ids and pixel counts.
-
-    The one place that states the per-segment rules, shared by ``validate_dataset`` (which reports them all)
-    and the reader (which raises them): every non-void id in the PNG has an entry in ``segments_info`` and
-    every entry has pixels, ids are not repeated, categories are known, and ``area`` equals the pixel count.
-    """
-    problems = []
-    seen = set()
-    segments = {}
-    for segment in annotation.get("segments_info", []):
-        segment_id = int(segment["id"])
-        if segment_id in seen:
-            problems.append(f"{png_name}: segment {segment_id} is listed twice in the JSON")
-        seen.add(segment_id)
-        segments[segment_id] = segment
-        if not meta.has_category(segment["category_id"]):
-            problems.append(f"{png_name}: segment {segment_id} has unknown category_id {segment['category_id']}")
-    png_counts = {int(i): int(c) for i, c in zip(ids, counts) if int(i) != VOID_ID}
-    for segment_id in sorted(set(png_counts) - set(segments)):
-        problems.append(
-            f"{png_name}: segment {segment_id} is in the PNG ({png_counts[segment_id]} pixels) but not in the JSON"
-        )
-    for segment_id in sorted(set(segments) - set(png_counts)):
-        problems.append(f"{png_name}: segment {segment_id} is in the JSON but not in the PNG")
-    for segment_id in sorted(set(segments) & set(png_counts)):
-        area = segments[segment_id].get("area")
-        if area is not None and int(area) != png_counts[segment_id]:
-            problems.append(
-                f"{png_name}: segment {segment_id} has area {int(area)} in the JSON but {png_counts[segment_id]} "
-                "pixels in the PNG"
-            )
-    return problems
-
-
-def load_panoptic_json(json_file: str) -> Tuple[Dict[str, Any], List[str]]:
-    """The JSON and the problems found in it alone (no files opened): missing keys, images listed twice,
-    annotations without an image entry and images without an annotation. Category problems are per segment
-    (``check_segments``)."""
-    data, problems = _load_json_with_problems(json_file)
-    return data, [message for _, message in problems]
-
-
-def _load_json_with_problems(json_file: str) -> Tuple[Dict[str, Any], List[Tuple[Any, str]]]:
-    """``load_panoptic_json`` with each problem tagged by the image id it concerns (None: the whole file). The
-    entries with missing keys are dropped from ``data``, so the rest can be read."""
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
-        raise PanopticFormatError(f"{json_file}: cannot read the JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise PanopticFormatError(f"{json_file}: expected a JSON object with 'images', 'annotations' and "
-                                  f"'categories', got {type(data).__name__}")
-    problems: List[Tuple[Any, str]] = []
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            problems.append((None, f"{json_file}: no '{key}' list"))
-            data[key] = []
-    images = []
-    for i, img in enumerate(data["images"]):
-        missing = [k for k in ("id", "file_name") if not isinstance(img, dict) or k not in img]
-        if missing:
-            problems.append((None, f"{json_file}: images[{i}] has no {', '.join(repr(k) for k in missing)}"))
-        else:
-            images.append(img)
-    annotations = []
-    for i, ann in enumerate(data["annotations"]):
-        missing = [k for k in ("image_id", "file_name", "segments_info") if not isinstance(ann, dict) or k not in ann]
-        if missing:
-            image_id = ann.get("image_id") if isinstance(ann, dict) else None
-            problems.append((image_id, f"{json_file}: annotations[{i}] (image_id {image_id}) has no "
-                                       f"{', '.join(repr(k) for k in missing)}"))
-            continue
-        bad = [j for j, seg in enumerate(ann["segments_info"])
-               if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg]
-        if bad:
-            problems.append((ann["image_id"], f"{json_file}: annotation {ann['file_name']}: segments_info[{bad[0]}] "
-                                              f"has no 'id' or no 'category_id'"))
-        annotations.append(ann)
-    data["images"], data["annotations"] = images, annotations
-    seen_images: Dict[Any, str] = {}
-    for img in images:
-        if img["id"] in seen_images:
-            problems.append((img["id"], f"{json_file}: image id {img['id']} is listed twice in 'images' "
-                                        f"({seen_images[img['id']]} and {img['file_name']})"))
-        seen_images.setdefault(img["id"], img["file_name"])
-    annotated: Dict[Any, str] = {}
-    for ann in annotations:
-        if ann["image_id"] not in seen_images:
-            problems.append((ann["image_id"], f"{json_file}: annotation {ann['file_name']} names image_id "
-                                              f"{ann['image_id']}, which is not in 'images'"))
-        if ann["image_id"] in annotated:
-            problems.append((ann["image_id"], f"{json_file}: image_id {ann['image_id']} has two annotations "
-                                              f"({annotated[ann['image_id']]} and {ann['file_name']})"))
-        annotated.setdefault(ann["image_id"], ann["file_name"])
-    for img in images:
-        if img["id"] not in annotated:
-            problems.append((img["id"], f"{json_file}: image {img['file_name']} (id {img['id']}) has no annotation"))
-    return data, problems
-
-
 Transform = Callable[[torch.Tensor, Dict[str, Any]], Tuple[torch.Tensor, Dict[str, Any]]]
 
 
@@ -302,6 +152,8 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         transforms: callable ``(image, target) -> (image, target)`` applied to the uint8 ``[3, H, W]`` image and
             the target dict at the original size (see ``eyecool.data.transforms``); None = no transform (the
             image is then returned as float 0..1 without normalisation).
+        with_targets: False reads the images only (no PNG is opened, the items have no sem_seg, boxes, classes,
+            masks or crowd_mask): evaluation, where the evaluator reads each gt PNG itself.
 
     Item ``i`` is a dict:
         image: float32 ``[3, H, W]`` (as the transforms leave it; normalised by ``build_transforms``)
@@ -326,7 +178,7 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_dir: str, json_file: str, png_dir: str, transforms: Optional[Transform] = None,
-                 on_error: str = "raise"):
+                 on_error: str = "raise", with_targets: bool = True):
         if on_error not in ON_ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, got {on_error!r}")
         self.image_dir = image_dir
@@ -334,8 +186,9 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         self.png_dir = png_dir
         self.transforms = transforms
         self.on_error = on_error
+        self.with_targets = with_targets
         self.skipped = 0
-        data, problems = _load_json_with_problems(json_file)
+        data, problems = load_panoptic_json(json_file, by_image=True)
         fatal = [message for image_id, message in problems if image_id is None]
         if problems and (on_error == "raise" or fatal):
             raise PanopticFormatError("\n".join(message for _, message in problems))
@@ -395,8 +248,8 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
     def _read(self, index: int) -> Dict[str, Any]:
         image_info, annotation = self.images[index], self.annotations[index]
         image_path = os.path.join(self.image_dir, image_info["file_name"])
-        png_path = panoptic_png_path(self.png_dir, annotation)
-        for path in (image_path, png_path):
+        png_path = os.path.join(self.png_dir, annotation["file_name"])
+        for path in (image_path, png_path) if self.with_targets else (image_path,):
             if not os.path.isfile(path):
                 raise PanopticFormatError(f"{path}: missing file (image_id {image_info['id']})")
         try:
@@ -405,17 +258,15 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         except (OSError, SyntaxError, ValueError) as error:  # PIL: unidentified, truncated, broken chunks
             raise PanopticFormatError(f"{image_path}: cannot read the image (corrupt or truncated?): "
                                       f"{error}") from error
-        try:
-            segment_ids = load_panoptic_png(png_path)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise PanopticFormatError(f"{png_path}: cannot read the panoptic PNG (corrupt or truncated?): "
-                                      f"{error}") from error
-        if image.shape[:2] != segment_ids.shape:
-            raise PanopticFormatError(
-                f"{image_path}: image is {image.shape[1]}x{image.shape[0]} (WxH) but its PNG {png_path} is "
-                f"{segment_ids.shape[1]}x{segment_ids.shape[0]}"
-            )
-        target = build_targets(segment_ids, annotation, self.meta, png_name=png_path)
+        target: Dict[str, Any] = {}
+        if self.with_targets:
+            segment_ids = read_id_map(png_path)
+            if image.shape[:2] != segment_ids.shape:
+                raise PanopticFormatError(
+                    f"{image_path}: image is {image.shape[1]}x{image.shape[0]} (WxH) but its PNG {png_path} is "
+                    f"{segment_ids.shape[1]}x{segment_ids.shape[0]}"
+                )
+            target = build_targets(segment_ids, annotation, self.meta, png_name=png_path)
         target.update(
             image_id=image_info["id"],
             file_name=image_info["file_name"],
@@ -438,7 +289,8 @@ def build_targets(
     ``CocoPanopticDataset`` for the keys). Raises ``PanopticFormatError`` listing every problem found."""
     height, width = segment_ids.shape
     ids, inverse, counts = np.unique(segment_ids, return_inverse=True, return_counts=True)
-    problems = check_segments(annotation, ids, counts, meta, png_name)
+    problems = check_segments(annotation.get("segments_info", []), ids, counts, meta.contiguous_category_ids,
+                              png_name)
     if problems:
         raise PanopticFormatError("\n".join(problems))
     inverse = inverse.reshape(height, width)

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from .coco_panoptic import id2rgb, load_coco_categories
+from eyecool.panoptic_format import id2rgb, load_coco_categories
 
 SHAPES = ("disc", "square", "triangle", "cross")
 TEXTURES = ("stripes", "dots", "checker", "grain")

@@ -3,7 +3,7 @@ instead of failing on the first: ``eyecool validate-data --json F --png-dir D --
 
 Checked: the JSON's structure (annotations without images and the reverse), missing image and PNG files,
 image and PNG of different sizes (or sizes that differ from the JSON's width/height), and per segment the rules
-that the reader also enforces (``coco_panoptic.check_segments``): in the PNG but not the JSON or the reverse,
+that the reader also enforces (``eyecool.panoptic_format.check_segments``): in the PNG but not the JSON or the reverse,
 duplicated ids, unknown categories, ``area`` different from the PNG's pixel count.
 """
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image
 
-from .coco_panoptic import DatasetMeta, check_segments, load_panoptic_json, load_panoptic_png
+from eyecool.panoptic_format import PanopticFormatError, check_segments, load_panoptic_json, read_id_map
+
+from .coco_panoptic import DatasetMeta
 
 
 def validate_dataset(json_file: str, png_dir: str, image_dir: Optional[str] = None) -> List[str]:
@@ -22,8 +24,8 @@ def validate_dataset(json_file: str, png_dir: str, image_dir: Optional[str] = No
     image files."""
     try:
         data, problems = load_panoptic_json(json_file)
-    except (OSError, ValueError) as error:
-        return [f"{json_file}: cannot read the JSON: {error}"]
+    except PanopticFormatError as error:  # names the file already
+        return [str(error)]
     try:
         meta = DatasetMeta.from_categories(data["categories"])
     except (KeyError, ValueError) as error:
@@ -47,9 +49,9 @@ def validate_dataset(json_file: str, png_dir: str, image_dir: Optional[str] = No
             problems.append(f"{png_path}: missing file (image_id {annotation['image_id']})")
             continue
         try:
-            segment_ids = load_panoptic_png(png_path)
-        except (OSError, SyntaxError, ValueError) as error:  # PIL raises SyntaxError for some broken chunks
-            problems.append(f"{png_path}: cannot read the PNG: {error}")
+            segment_ids = read_id_map(png_path)
+        except PanopticFormatError as error:
+            problems.append(str(error))
             continue
         png_size = (segment_ids.shape[1], segment_ids.shape[0])
         if image_size is not None and image_size != png_size:
@@ -65,7 +67,8 @@ def validate_dataset(json_file: str, png_dir: str, image_dir: Optional[str] = No
                     f"{json_size[0]}x{json_size[1]} for image {image_info['file_name']}"
                 )
         ids, counts = np.unique(segment_ids, return_counts=True)
-        problems.extend(check_segments(annotation, ids, counts, meta, png_path))
+        problems.extend(check_segments(annotation["segments_info"], ids, counts, meta.contiguous_category_ids,
+                                       png_path))
     return problems
 
 

@@ -22,6 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from eyecool.evaluation.panoptic_quality import PQ_KEYS  # the summary's keys, re-exported for the engine's callers
+from eyecool.panoptic_format import prediction_annotation, write_panoptic_png
+
 from . import distributed as du
 from .checkpoint import load_checkpoint, load_state_dict_checked
 from .distributed import DistributedContext, init_distributed
@@ -32,7 +35,6 @@ from .trainer import Trainer
 
 logger = logging.getLogger(LOGGER_NAME + ".engine")
 
-PQ_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 EVAL_METRICS_FILE = "metrics_eval.json"
 PREDICTIONS_DIR = "predictions"
 ImageLike = Union[str, np.ndarray, torch.Tensor]
@@ -49,25 +51,17 @@ def split_files(cfg, split: str) -> Tuple[str, str, str]:
     return tuple(p if os.path.isabs(p) else os.path.join(d.root, p) for p in names)
 
 
-def build_transforms(cfg, is_train: bool):
-    """Resize (and flip in training), then normalise with torchvision's ImageNet statistics: the network
-    expects normalised images (the convention of the ImageNet weights it loads)."""
-    from eyecool.data import Compose, Normalize, RandomHorizontalFlip, ResizeShortestEdge
-
-    steps = [ResizeShortestEdge((cfg.data.min_size,), cfg.data.max_size)]
-    if is_train and cfg.data.flip:
-        steps.append(RandomHorizontalFlip(0.5))
-    steps.append(Normalize())
-    return Compose(steps)
-
-
 def build_dataset(cfg, split: str, is_train: Optional[bool] = None):
-    from eyecool.data import CocoPanopticDataset
+    """The ``split`` data set with the configuration's transforms (``eyecool.data.build_transforms``: resize to
+    ``data.min_size`` / ``data.max_size``, a random flip in training when ``data.flip``, normalisation). The val
+    split is read without training targets: the evaluator reads each gt PNG itself, once."""
+    from eyecool.data import CocoPanopticDataset, build_transforms
 
+    is_train = split == "train" if is_train is None else is_train
     image_dir, json_file, png_dir = split_files(cfg, split)
-    return CocoPanopticDataset(image_dir, json_file, png_dir,
-                               transforms=build_transforms(cfg, split == "train" if is_train is None else is_train),
-                               on_error=cfg.data.on_error)
+    transforms = build_transforms(is_train, cfg.data.min_size, cfg.data.max_size, 0.5 if cfg.data.flip else 0.0)
+    return CocoPanopticDataset(image_dir, json_file, png_dir, transforms=transforms, on_error=cfg.data.on_error,
+                               with_targets=split == "train")
 
 
 def _build_model(cfg, categories: Sequence[Dict[str, Any]], device: torch.device):
@@ -95,29 +89,6 @@ def _per_process_batch(cfg, ctx: DistributedContext) -> int:
 # ---------------------------------------------------------------------------------------------- inference
 
 
-def _prediction_annotation(image_id: Any, file_name: str, panoptic_seg: np.ndarray,
-                           segments_info: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The COCO panoptic annotation of one prediction, with each segment's area and bbox from the id map."""
-    segments = []
-    for segment in segments_info:
-        ys, xs = np.nonzero(panoptic_seg == segment["id"])
-        if len(xs) == 0:
-            continue
-        x0, y0 = int(xs.min()), int(ys.min())
-        entry = {"id": int(segment["id"]), "category_id": int(segment["category_id"]), "iscrowd": 0,
-                 "area": int(len(xs)), "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]}
-        if "score" in segment:
-            entry["score"] = float(segment["score"])
-        segments.append(entry)
-    return {"image_id": image_id, "file_name": file_name, "segments_info": segments}
-
-
-def write_panoptic_png(path: str, panoptic_seg: np.ndarray) -> None:
-    from eyecool.data import id2rgb
-
-    Image.fromarray(id2rgb(panoptic_seg)).save(path)
-
-
 @torch.no_grad()
 def inference_on_dataset(model: torch.nn.Module, dataset, ctx: DistributedContext, *, batch_size: int = 1,
                          num_workers: int = 0, max_images: Optional[int] = None,
@@ -131,7 +102,9 @@ def inference_on_dataset(model: torch.nn.Module, dataset, ctx: DistributedContex
     from eyecool.data import collate_panoptic
     from eyecool.evaluation import PanopticEvaluator, summary
 
-    evaluator = PanopticEvaluator(dataset.json_file, dataset.png_dir, allow_missing_images=max_images is not None,
+    # The data set's parsed annotations: the gt JSON is not parsed again.
+    gt_json = {"annotations": dataset.annotations, "categories": dataset.meta.to_categories()}
+    evaluator = PanopticEvaluator(gt_json, dataset.png_dir, allow_missing_images=max_images is not None,
                                   verbose=ctx.is_main)
     sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size, limit=max_images)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
@@ -151,8 +124,8 @@ def inference_on_dataset(model: torch.nn.Module, dataset, ctx: DistributedContex
                 ids = panoptic_seg.cpu().numpy()
                 file_name = os.path.splitext(target["file_name"])[0] + ".png"
                 write_panoptic_png(os.path.join(prediction_dir, file_name), ids)
-                annotations.append(_prediction_annotation(target["image_id"], file_name, ids,
-                                                          output["segments_info"]))
+                annotations.append(prediction_annotation(target["image_id"], file_name, ids,
+                                                         output["segments_info"]))
         progress.update()
     progress.close()
     model.train(was_training)
@@ -297,8 +270,9 @@ def predict(cfg, weights: str, images: Sequence[ImageLike], batch_size: int = 1)
     """
     ctx = DistributedContext(0, 1, 0, torch.device(cfg.device))
     model, categories = _load_for_inference(cfg, weights, ctx)
-    transforms = build_transforms(cfg, is_train=False)
-    from eyecool.data import collate_panoptic
+    from eyecool.data import build_transforms, collate_panoptic
+
+    transforms = build_transforms(False, cfg.data.min_size, cfg.data.max_size)
 
     arrays = [_as_uint8_image(image) for image in images]
     results = []
@@ -312,7 +286,7 @@ def predict(cfg, weights: str, images: Sequence[ImageLike], batch_size: int = 1)
         outputs = model(batch_images.to(ctx.device), sizes, orig_sizes=[a.shape[:2] for a in chunk])
         for array, output in zip(chunk, outputs):
             ids = output["panoptic_seg"].cpu().numpy()
-            annotation = _prediction_annotation(None, "", ids, output["segments_info"])
+            annotation = prediction_annotation(None, "", ids, output["segments_info"])
             isthing = {c["id"]: c["isthing"] for c in categories}
             for segment in annotation["segments_info"]:
                 segment["isthing"] = int(isthing[segment["category_id"]])

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -30,23 +29,15 @@ DEMO_IMAGE_SIZE = 128
 DEMO_NUM_VIS = 8
 
 
-def _read_id_map(path: str) -> np.ndarray:
-    from eyecool.data import rgb2id
-
-    with Image.open(path) as img:
-        return rgb2id(np.asarray(img.convert("RGB")))
-
-
 def draw_validation_examples(data_root: str, prediction_dir: str, vis_dir: str, num_images: int,
                              val_json: str, val_png_dir: str, val_image_dir: str) -> int:
     """For the first ``num_images`` predictions: a sheet input | ground truth | prediction in ``vis_dir``.
     Returns the number of sheets written."""
+    from eyecool.panoptic_format import load_json, read_id_map
     from eyecool.visualize import draw_panoptic, save_image, side_by_side
 
-    with open(os.path.join(prediction_dir, "predictions.json"), encoding="utf-8") as f:
-        predictions = json.load(f)
-    with open(val_json, encoding="utf-8") as f:
-        gt = json.load(f)
+    predictions = load_json(os.path.join(prediction_dir, "predictions.json"))
+    gt = load_json(val_json)
     gt_by_image = {a["image_id"]: a for a in gt["annotations"]}
     images = {i["id"]: i for i in gt["images"]}
     categories = gt["categories"]
@@ -56,9 +47,9 @@ def draw_validation_examples(data_root: str, prediction_dir: str, vis_dir: str, 
         gt_ann = gt_by_image[prediction["image_id"]]
         with Image.open(os.path.join(val_image_dir, image_info["file_name"])) as img:
             image = np.asarray(img.convert("RGB"))
-        gt_picture = draw_panoptic(image, _read_id_map(os.path.join(val_png_dir, gt_ann["file_name"])),
+        gt_picture = draw_panoptic(image, read_id_map(os.path.join(val_png_dir, gt_ann["file_name"])),
                                    gt_ann["segments_info"], categories)
-        pred_picture = draw_panoptic(image, _read_id_map(os.path.join(prediction_dir, prediction["file_name"])),
+        pred_picture = draw_panoptic(image, read_id_map(os.path.join(prediction_dir, prediction["file_name"])),
                                      prediction["segments_info"], categories)
         plain = np.asarray(Image.fromarray(image).resize(gt_picture.shape[1::-1], Image.BILINEAR))
         sheet = side_by_side([plain, gt_picture, pred_picture], ["input", "ground truth", "prediction"])

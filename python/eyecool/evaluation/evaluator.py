@@ -5,33 +5,36 @@
         evaluator.update(image_id, pred_id_map, segments_info)
     results = evaluator.summarize()                            # panopticapi's dict; the table is printed
 
-Each ``update`` reads the image's gt PNG, counts the (gt, pred) pixel pairs with ``pq_pair_counts`` (on the
-prediction's device) and keeps only that image's per-category statistics. ``summarize`` gathers them from
+The evaluator owns the gt side: each ``update`` reads the image's gt PNG (once: the val data set yields images
+only), counts the (gt, pred) pixel pairs with ``pq_pair_counts`` (on the prediction's device) and keeps only that
+image's per-category statistics. The gt JSON is given as a path or as the annotations and categories a data set
+has parsed already. ``summarize`` gathers them from
 every rank (``torch.distributed.all_gather_object``), and computes the same numbers as
 :func:`eyecool.evaluation.pq_compute` would on the same predictions written as PNGs.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from eyecool.evaluation.panoptic_quality import (CategoryTable, PanopticFormatWarning, PQStatistics,
-                                                 format_per_class_table, format_table, match_segments, pair_counts,
-                                                 read_id_map, segment_table, write_summary_json)
+from eyecool.evaluation.panoptic_quality import (CategoryTable, PQStatistics, format_per_class_table, format_table,
+                                                 match_segments, pair_counts, segment_table, write_summary_json)
+from eyecool.panoptic_format import PanopticFormatWarning, load_json, read_id_map
 
 
 class PanopticEvaluator:
     """Accumulates PQ statistics image by image; distributed-aware.
 
     Args:
-        gt_json_file: the gt COCO panoptic JSON (images' ``segments_info`` and the ``categories``).
-        gt_folder: folder of the gt PNGs; default: ``gt_json_file`` without ``.json`` (panopticapi's default).
+        gt_json: the gt COCO panoptic JSON: its path, or its contents (a dict with ``annotations`` and
+            ``categories``, e.g. what ``CocoPanopticDataset`` has parsed, so that the file is not parsed again).
+        gt_folder: folder of the gt PNGs; default: the JSON's path without ``.json`` (panopticapi's default;
+            needed when ``gt_json`` is a dict).
         allow_missing_images: when False (default, as ``pq_compute``), ``summarize`` fails if a gt image got no
             prediction; when True it evaluates the images seen.
         output_json: if given, ``summarize`` writes the PQ/SQ/RQ (x100) summary there (rank 0 only).
@@ -42,11 +45,15 @@ class PanopticEvaluator:
             ``PanopticFormatError`` instead.
     """
 
-    def __init__(self, gt_json_file: str, gt_folder: Optional[str] = None, *, allow_missing_images: bool = False,
-                 output_json: Optional[str] = None, verbose: bool = True, strict: bool = False):
-        with open(gt_json_file, "r") as f:
-            gt_json = json.load(f)
-        self.gt_folder = gt_folder if gt_folder is not None else gt_json_file.replace(".json", "")
+    def __init__(self, gt_json: Union[str, Mapping[str, Any]], gt_folder: Optional[str] = None, *,
+                 allow_missing_images: bool = False, output_json: Optional[str] = None, verbose: bool = True,
+                 strict: bool = False):
+        if isinstance(gt_json, (str, os.PathLike)):
+            gt_folder = gt_folder if gt_folder is not None else os.fspath(gt_json).replace(".json", "")
+            gt_json = load_json(os.fspath(gt_json))
+        elif gt_folder is None:
+            raise ValueError("PanopticEvaluator: gt_folder is needed when gt_json is the JSON's contents, not its path")
+        self.gt_folder = gt_folder
         self.category_list = gt_json["categories"]
         self.categories = CategoryTable(self.category_list)
         self.gt_annotations: Dict = {ann["image_id"]: ann for ann in gt_json["annotations"]}

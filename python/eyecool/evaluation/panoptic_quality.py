@@ -1,6 +1,6 @@
 """Panoptic quality (PQ), computed exactly as panopticapi's ``pq_compute`` does, only faster.
 
-The rules (DESIGN.md section 8, panopticapi's ``pq_compute_single_core``), per image:
+The rules (docs/design.md section 8, panopticapi's ``pq_compute_single_core``), per image:
 
 * intersections of every (gt segment, predicted segment) pair come from one pass over the two id maps
   (``eyecool_ext.ops.pq_pair_counts``);
@@ -19,8 +19,11 @@ categories with no TP, FP or FN are left out of the averages; Things and Stuff a
 :func:`pq_compute` evaluates a folder of prediction PNGs (panopticapi's signature and return value): images
 are processed in parallel threads, and each gt / prediction PNG pair is read, inflated, unfiltered, pair-counted
 and matched in one C++ call with the GIL released, without either id map being written
-(``ops.panoptic_png_file_pq_statistics``, whose matching is :func:`match_segments` in C++).
-:class:`eyecool.evaluation.PanopticEvaluator` uses :func:`match_segments` on id maps in memory.
+(``ops.panoptic_png_file_pq_statistics``, whose matching is :func:`match_segments` in C++). What that call does
+not handle (no compiled extension or inflater, another kind of PNG, a broken file, an inconsistent image) takes
+the one fallback: ``eyecool.panoptic_format.read_id_map`` of both files, ``pq_pair_counts`` and
+:func:`match_segments`, which also name the problem. :class:`eyecool.evaluation.PanopticEvaluator` uses
+``pq_pair_counts`` and :func:`match_segments` on id maps in memory (on the prediction's device).
 
 Inconsistent ground truth is scored as panopticapi scores it (``strict=False``, the default of :func:`pq_compute`
 and ``PanopticEvaluator``), with a :class:`PanopticFormatWarning` naming the image and the segment: a gt PNG id
@@ -34,8 +37,6 @@ a category it never averages), and a segment id listed twice (gt or prediction) 
 """
 from __future__ import annotations
 
-import gc
-import io
 import json
 import os
 import time
@@ -45,25 +46,17 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import PIL.Image as Image
 import torch
 
+from eyecool.panoptic_format import (VOID_ID, PanopticFormatError, PanopticFormatWarning, load_json, read_id_map,
+                                     segment_mismatches)
 from eyecool_ext import ops
 
-VOID = 0
-# Result keys of the JSON summary (x100), as detectron2 and the ecosystem report them.
+# Result keys of the JSON summary (x100), as detectron2 and the ecosystem report them: per average (All, Things,
+# Stuff) its PQ, SQ and RQ keys.
 SUMMARY_KEYS = {"All": ("PQ", "SQ", "RQ"), "Things": ("PQ_th", "SQ_th", "RQ_th"), "Stuff": ("PQ_st", "SQ_st", "RQ_st")}
-
-
-class PanopticFormatError(ValueError):
-    """Inconsistent panoptic data: a PNG and its ``segments_info`` disagree, an unknown category, a size
-    mismatch. The message names the image and the segment."""
-
-
-class PanopticFormatWarning(UserWarning):
-    """Inconsistent annotations that :func:`pq_compute` scores as panopticapi does (``strict=False``): a gt PNG and
-    its ``segments_info`` disagree, a gt segment has an unknown category, a segment id is listed twice. The
-    message names the image and the segment; ``strict=True`` raises :class:`PanopticFormatError` instead."""
+# The nine keys of summary(), in order.
+PQ_KEYS: Tuple[str, ...] = tuple(key for keys in SUMMARY_KEYS.values() for key in keys)
 
 
 # At most this many PanopticFormatWarnings per pq_compute call name their image; one more gives the total.
@@ -178,7 +171,7 @@ def segment_table(segments_info: Sequence[Mapping], categories: CategoryTable, i
         count = len(ids)
     else:
         unknown_category_ids = np.empty(0, dtype=np.int64)
-    if count and (ids == VOID).any():
+    if count and (ids == VOID_ID).any():
         raise PanopticFormatError(f"image {image_id}: {what} segments_info lists segment id 0, which means void")
     order = np.argsort(ids, kind="stable")
     if count > 1 and (np.diff(ids[order]) == 0).any():
@@ -199,32 +192,16 @@ def _segment_index(table: SegmentTable, ids: np.ndarray) -> np.ndarray:
     return np.where(table.ids[pos] == ids, pos, -1)
 
 
-def _segment_mismatches(png_ids: np.ndarray, rows: np.ndarray, table: SegmentTable, image_id,
-                        what: str) -> List[str]:
-    """Where the non-void ids of a PNG and its segments_info are not the same set: one message for the ids in
-    the PNG only, one for those in the table only (none when they agree). ``png_ids`` are ids seen in the PNG
-    (repeats allowed) and ``rows`` their rows in ``table`` (-1 when not listed)."""
-    messages = []
-    unlisted = (rows < 0) & (png_ids != VOID)
-    if len(table.unknown_category_ids):  # already reported by segment_table
-        unlisted &= ~np.isin(png_ids, table.unknown_category_ids)
-    if unlisted.any():
-        missing_from_json = np.unique(png_ids[unlisted])
-        messages.append(f"image {image_id}: {what} segment {int(missing_from_json[0])} is in the PNG but not in its "
-                        f"segments_info (segments in the PNG only: {missing_from_json.tolist()})")
-    seen = np.zeros(len(table.ids), dtype=bool)
-    seen[rows[rows >= 0]] = True
-    if not seen.all():
-        missing_from_png = table.ids[~seen]
-        messages.append(f"image {image_id}: {what} segment {int(missing_from_png[0])} is in segments_info but not in "
-                        f"the PNG (segments in the JSON only: {missing_from_png.tolist()})")
-    return messages
+def _segment_mismatches(png_ids: np.ndarray, table: SegmentTable, image_id, what: str) -> List[str]:
+    """The segment rule (``panoptic_format.segment_mismatches``) between the ids seen in a PNG (repeats allowed)
+    and its segment table; the ids left out of the table for an unknown category are reported already."""
+    return segment_mismatches(png_ids, table.ids, f"image {image_id}", f"{what} ", table.unknown_category_ids)
 
 
-def _check_same_segments(png_ids: np.ndarray, rows: np.ndarray, table: SegmentTable, image_id, what: str) -> None:
+def _check_same_segments(png_ids: np.ndarray, table: SegmentTable, image_id, what: str) -> None:
     """The non-void ids of a PNG and its segments_info must be the same set (:class:`PanopticFormatError`
     naming the first difference otherwise)."""
-    messages = _segment_mismatches(png_ids, rows, table, image_id, what)
+    messages = _segment_mismatches(png_ids, table, image_id, what)
     if messages:
         raise PanopticFormatError(messages[0])
 
@@ -263,19 +240,19 @@ def match_segments(pairs: Tuple[np.ndarray, np.ndarray, np.ndarray], gt: Segment
     gi = _segment_index(gt, gt_id)
     pi = _segment_index(pred, pred_id)
     if strict:
-        _check_same_segments(gt_id, gi, gt, image_id, "gt")
+        _check_same_segments(gt_id, gt, image_id, "gt")
     else:
         # The rules below already treat an unlisted gt id as panopticapi does: it never becomes a candidate
         # (gi < 0), it is not void (only id 0 is), and it is not the crowd region of any category.
-        mismatches = _segment_mismatches(gt_id, gi, gt, image_id, "gt")
+        mismatches = _segment_mismatches(gt_id, gt, image_id, "gt")
         if notes is not None:
             notes.extend(m + "; scored as panopticapi does" for m in mismatches)
-    _check_same_segments(pred_id, pi, pred, image_id, "prediction")
+    _check_same_segments(pred_id, pred, image_id, "prediction")
     num_pred = len(pred.ids)
 
     has_pred = pi >= 0
     pred_area = np.bincount(pi[has_pred], weights=count[has_pred], minlength=num_pred).astype(np.int64)
-    on_void = has_pred & (gt_id == VOID)
+    on_void = has_pred & (gt_id == VOID_ID)
     pred_void = np.zeros(num_pred, dtype=np.int64)
     pred_void[pi[on_void]] = count[on_void]  # each prediction has at most one (void, pred) pair
 
@@ -367,56 +344,12 @@ class PQStatistics:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading id maps
-
-
-def _read_bytes(path: str, image_id) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {image_id}: panoptic PNG {path} does not exist") from None
-
-
-def _ids_from_bytes(data: bytes) -> np.ndarray:
-    try:
-        return ops.decode_panoptic_png(data).numpy()
-    except ops.UnsupportedPNG:
-        pass
-    with Image.open(io.BytesIO(data)) as image:
-        rgb = np.asarray(image.convert("RGB"), dtype=np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
-def read_id_map(path: str, image_id=None) -> np.ndarray:
-    """A panoptic PNG -> ``int32 [H, W]`` segment ids (``R + 256 G + 256^2 B``).
-
-    8-bit RGB/RGBA PNGs (all panoptic PNGs) go through ``eyecool_ext.ops.decode_panoptic_png`` (zlib-ng and one
-    C++ pass, GIL released); any other PNG through PIL.
-    """
-    return _ids_from_bytes(_read_bytes(path, image_id))
+# Pair counts
 
 
 def _size_mismatch(image_id, pred_width_height, gt_width_height) -> PanopticFormatError:
     return PanopticFormatError(f"image {image_id}: the prediction is {tuple(pred_width_height)} (width, height) but "
                                f"the gt is {tuple(gt_width_height)}")
-
-
-def file_pair_counts(gt_path: str, pred_path: str, image_id=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(gt_id, pred_id, count)`` int64 numpy arrays of a gt and a predicted panoptic PNG file.
-
-    8-bit RGB/RGBA PNGs are counted by ``eyecool_ext.ops.panoptic_png_pair_counts`` straight from their
-    scanlines (no id map is written); any other PNG is decoded with PIL first.
-    """
-    gt_data, pred_data = _read_bytes(gt_path, image_id), _read_bytes(pred_path, image_id)
-    try:
-        gt_png, pred_png = ops.parse_panoptic_png(gt_data), ops.parse_panoptic_png(pred_data)
-        if (gt_png.height, gt_png.width) != (pred_png.height, pred_png.width):
-            raise _size_mismatch(image_id, (pred_png.width, pred_png.height), (gt_png.width, gt_png.height))
-        gt_id, pred_id, count = ops.panoptic_png_pair_counts(gt_png, pred_png)
-        return gt_id.numpy(), pred_id.numpy(), count.numpy()
-    except ops.UnsupportedPNG:
-        return pair_counts(_ids_from_bytes(gt_data), _ids_from_bytes(pred_data), image_id)
 
 
 def pair_counts(gt_ids, pred_ids, image_id=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -440,21 +373,22 @@ def pair_counts(gt_ids, pred_ids, image_id=None) -> Tuple[np.ndarray, np.ndarray
 
 def file_statistics(gt_path: str, pred_path: str, gt: SegmentTable, pred: SegmentTable, num_categories: int,
                     image_id=None, strict: bool = True, notes: Optional[List[str]] = None) -> ImageStatistics:
-    """One image's PQ statistics from its gt and predicted PNG files and segment tables: ``match_segments`` of
-    ``file_pair_counts``, computed in one GIL-free C++ call when the kernel is compiled and libdeflate is found
-    (``ops.panoptic_png_file_pq_statistics``: reading, chunk CRCs, inflation, pair counts and matching). Otherwise,
-    and for what that call leaves alone (missing, corrupt or other kinds of PNG, two sizes) or finds inconsistent
-    (a PNG that disagrees with its table), the Python reader and the numpy rules run, which also raise the errors
-    naming the image and the segment. ``strict`` and ``notes`` are :func:`match_segments`'s: the C++ call
-    reports a gt that disagrees with its PNG as a problem code, and the numpy rules then score it leniently."""
+    """One image's PQ statistics from its gt and predicted PNG files and segment tables, computed in one GIL-free
+    C++ call when the kernel is compiled and an inflater is found (``ops.panoptic_png_file_pq_statistics``:
+    reading, chunk CRCs, inflation, pair counts and matching). Otherwise, and for what that call leaves alone
+    (missing, corrupt or other kinds of PNG, two sizes) or finds inconsistent (a PNG that disagrees with its
+    table), the fallback runs: both id maps read (``read_id_map``), :func:`pair_counts` and :func:`match_segments`,
+    which also raise the errors naming the image and the segment. ``strict`` and ``notes`` are
+    :func:`match_segments`'s: the C++ call reports a gt that disagrees with its PNG as a problem code, and the
+    numpy rules then score it leniently."""
     if ops.file_pq_statistics_available():
         problem, category, iou, tp, fp, fn = ops.panoptic_png_file_pq_statistics(
             gt_path, pred_path, gt.packed(True), pred.packed(False), torch.from_numpy(gt.crowd_of_category),
             num_categories)
         if problem == 0:
             return ImageStatistics(category.numpy(), iou.numpy(), tp.numpy(), fp.numpy(), fn.numpy())
-    return match_segments(file_pair_counts(gt_path, pred_path, image_id), gt, pred, num_categories, image_id,
-                          strict, notes)
+    pairs = pair_counts(read_id_map(gt_path, image_id), read_id_map(pred_path, image_id), image_id)
+    return match_segments(pairs, gt, pred, num_categories, image_id, strict, notes)
 
 
 def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str, pred_folder: str,
@@ -540,19 +474,6 @@ def _evaluate_folders(matched: Sequence[Tuple[Mapping, Mapping]], gt_folder: str
                       stacklevel=3)
 
 
-def _load_json(path: str):
-    """json.load with the cyclic garbage collector paused: a COCO JSON is hundreds of thousands of new containers,
-    each allocation burst triggers a full collection that traverses all of them, and none of them is garbage."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with open(path, "r") as f:
-            return json.load(f)
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] = None,
                pred_folder: Optional[str] = None, num_workers: Optional[int] = None,
                verbose: bool = True, strict: bool = False) -> Dict:
@@ -584,7 +505,7 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
         FileNotFoundError: a folder or PNG is missing. ValueError: a gt image has no prediction.
     """
     start = time.perf_counter()
-    gt_json, pred_json = _load_json(gt_json_file), _load_json(pred_json_file)
+    gt_json, pred_json = load_json(gt_json_file), load_json(pred_json_file)
     if gt_folder is None:
         gt_folder = gt_json_file.replace(".json", "")
     if pred_folder is None:
@@ -635,7 +556,8 @@ def format_per_class_table(results: Mapping, categories: Optional[Iterable[Mappi
 
 
 def summary(results: Mapping) -> Dict[str, float]:
-    """``{"PQ", "SQ", "RQ", "PQ_th", ..., "RQ_st"}`` x100, the keys detectron2 and the ecosystem report."""
+    """The :data:`PQ_KEYS` (``"PQ", "SQ", "RQ", "PQ_th", ..., "RQ_st"``) x100, as detectron2 and the ecosystem
+    report them."""
     out: Dict[str, float] = {}
     for name, keys in SUMMARY_KEYS.items():
         for key, metric in zip(keys, ("pq", "sq", "rq")):
@@ -656,5 +578,5 @@ def write_summary_json(results: Mapping, path: str, per_class: bool = False) -> 
 
 
 __all__ = ["pq_compute", "PQStatistics", "ImageStatistics", "CategoryTable", "SegmentTable", "segment_table",
-           "match_segments", "read_id_map", "pair_counts", "format_table", "format_per_class_table", "summary",
-           "write_summary_json", "PanopticFormatError", "PanopticFormatWarning"]
+           "match_segments", "pair_counts", "format_table", "format_per_class_table", "summary",
+           "write_summary_json", "PQ_KEYS", "SUMMARY_KEYS"]

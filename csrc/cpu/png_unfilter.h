@@ -1,6 +1,6 @@
-// Decoding panoptic PNGs straight into segment ids: PNG's scanline filters (ISO/IEC 15948, section 9) for
-// 8-bit RGB / RGBA rows, and the COCO panoptic colour -> id rule. CPU only: decoding is I/O-side work that
-// feeds pq_pair_counts, and inflating the compressed stream is left to a zlib library in Python.
+// PNG's scanline filters (ISO/IEC 15948, section 9) reversed for 8-bit RGB / RGBA rows, and the COCO panoptic
+// colour -> id rule: the pixel half of the panoptic PNG reader (cpu/panoptic_png_reader.cpp). The numpy oracle
+// is eyecool_ext/reference/panoptic_png_ids.py.
 #pragma once
 
 #include <cstdint>

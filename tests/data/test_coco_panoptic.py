@@ -135,3 +135,20 @@ def test_reader_raises_on_a_broken_image_naming_file_and_segment(synthetic_split
         dataset[1]
     assert f"segment {dropped['id']} is in the PNG" in str(error.value)
     assert data["annotations"][1]["file_name"] in str(error.value)
+
+
+def test_images_only_reads_no_png(synthetic_splits, monkeypatch):
+    """with_targets=False (the val split of an evaluation): the items have the image and its ids and sizes,
+    no training target, and no PNG is opened (a missing PNG goes unnoticed: the evaluator reads the gt)."""
+    import os
+
+    from eyecool.data import coco_panoptic
+
+    monkeypatch.setattr(coco_panoptic, "read_id_map", lambda *args: pytest.fail("read a PNG"))
+    with_targets = CocoPanopticDataset(*synthetic_splits["val"])
+    images_only = CocoPanopticDataset(*synthetic_splits["val"], with_targets=False)
+    item = images_only[1]
+    assert set(item) == {"image", "image_id", "file_name", "orig_size", "size"}
+    assert item["image_id"] == with_targets.images[1]["id"] and item["orig_size"] == tuple(item["image"].shape[-2:])
+    monkeypatch.setattr(os.path, "isfile", lambda path: not path.endswith(".png") and os.path.exists(path))
+    assert images_only[0]["image"].shape[0] == 3

@@ -109,3 +109,41 @@ def test_distributed_with_gloo(dataset, tmp_path):
     torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), gt_json, gt_dir, pairs,
                                                            result_file), nprocs=2, join=True)
     assert_same(torch.load(result_file, weights_only=False), expected)
+
+
+def test_evaluation_reads_each_gt_png_once(tmp_path, monkeypatch):
+    """inference_on_dataset on the val split: the data set yields images only (it opens no PNG), the evaluator
+    reads each gt PNG once and takes the annotations the data set parsed (the gt JSON is not parsed again)."""
+    import os
+
+    from eyecool.data import CocoPanopticDataset, generate_synthetic_dataset
+    from eyecool.data import coco_panoptic
+    from eyecool.engine.api import inference_on_dataset
+    from eyecool.engine.distributed import DistributedContext
+
+    val = generate_synthetic_dataset(str(tmp_path), num_train=1, num_val=3, size=48, seed=0)["val"]
+    reads, parses = [], []
+
+    def counting(function, calls):
+        def wrapper(path, *args, **kwargs):
+            calls.append(os.path.basename(path))
+            return function(path, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(coco_panoptic, "read_id_map", counting(coco_panoptic.read_id_map, reads))
+    monkeypatch.setattr(evaluator_module, "read_id_map", counting(evaluator_module.read_id_map, reads))
+    monkeypatch.setattr(evaluator_module, "load_json", counting(evaluator_module.load_json, parses))
+    dataset = CocoPanopticDataset(*val, with_targets=False)
+    assert reads == []  # opening the data set reads no PNG
+
+    class VoidModel(torch.nn.Module):
+        """Predicts void everywhere, at each image's original size."""
+
+        def forward(self, images, image_sizes, orig_sizes):
+            return [{"panoptic_seg": torch.zeros(tuple(size), dtype=torch.int32), "segments_info": []}
+                    for size in orig_sizes]
+
+    summary = inference_on_dataset(VoidModel(), dataset, DistributedContext(0, 1, 0, torch.device("cpu")))
+    assert sorted(reads) == sorted(ann["file_name"] for ann in dataset.annotations)  # each gt PNG once
+    assert parses == []
+    assert summary["PQ"] == 0.0 and len(summary) == 9

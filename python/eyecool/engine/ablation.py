@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from eyecool.evaluation.panoptic_quality import PQ_KEYS
+
 from .events import LOGGER_NAME, setup_logging
 
 logger = logging.getLogger(LOGGER_NAME + ".ablation")
@@ -35,7 +37,7 @@ ROWS = (
     ("dam_rff_prob", "+DAM +RFF (prob)", ["model.dam.enabled=true", "model.rff.mode=prob"]),
 )
 ROW_KEYS = tuple(key for key, _, _ in ROWS)
-METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+METRICS = PQ_KEYS  # the evaluation summary's nine keys
 
 
 def final_losses(run_dir: str) -> Dict[str, float]:

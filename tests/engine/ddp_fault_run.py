@@ -11,7 +11,7 @@ import torch
 
 from eyecool.engine import init_distributed
 from eyecool.engine.distributed import cleanup_distributed
-from eyecool.engine.trainer import TrainingInterrupted
+from eyecool.engine.hooks import TrainingInterrupted
 from toy import make_toy_trainer
 
 if __name__ == "__main__":

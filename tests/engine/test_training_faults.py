@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eyecool.engine import last_checkpoint_path, load_checkpoint
-from eyecool.engine.trainer import TrainingInterrupted
+from eyecool.engine.hooks import TrainingInterrupted
 from eyecool.engine.sampling import build_training_stream
 from toy import ToyDataset, make_toy_trainer, toy_collate
 

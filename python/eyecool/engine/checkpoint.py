@@ -11,12 +11,14 @@ as they were.
 Loading refuses, with a ``CheckpointError`` naming the file, what is not a checkpoint: a truncated or corrupt
 file, and a pickle that holds anything but tensors and plain data (``weights_only=True``: loading a checkpoint
 never runs code from it). ``resume_candidates`` lists the checkpoints to try, newest first, so that ``--resume``
-falls back to the previous good one.
+falls back to the previous good one. :class:`Checkpointer` saves and restores a training run's whole state
+(model, optimizer, scheduler, scaler, iteration, every rank's random generators).
 """
 from __future__ import annotations
 
 import errno
 import glob
+import logging
 import os
 import pickle
 import random
@@ -26,6 +28,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from . import distributed as du
+
+logger = logging.getLogger("eyecool.engine")
 
 LAST_CHECKPOINT = "last_checkpoint"
 _PERIODIC = re.compile(r"model_(\d{7})\.pth$")
@@ -191,3 +197,95 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------- training state
+
+
+class Checkpointer:
+    """Saves and restores a training run's whole state: model, optimizer, scheduler, gradient scaler, the
+    iteration and every rank's random generators (so that a resumed run draws what an uninterrupted one would).
+
+    ``model`` is the unwrapped module (its state dict has no DDP ``module.`` prefix, so a checkpoint loads without
+    DDP). ``config`` and ``extra_state`` are plain data stored in every checkpoint. ``out_dir`` None writes nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, *,
+                 rank: int, world_size: int, out_dir: Optional[str], config: Optional[Dict[str, Any]] = None,
+                 extra_state: Optional[Dict[str, Any]] = None):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.rank, self.world_size, self.out_dir = rank, world_size, out_dir
+        self.config = config or {}
+        self.extra_state = extra_state or {}
+        self.start_iter = 0  # the first iteration to run: the restored one + 1
+        self.rng_to_restore: Optional[Dict[str, Any]] = None  # this rank's generators, set by resume()
+        self.last_saved_iter: Optional[int] = None
+
+    def resume(self, path: Optional[str] = None) -> bool:
+        """Restore the state from ``path`` (default: the checkpoint ``out_dir/last_checkpoint`` names). Returns
+        False when there is nothing to resume from.
+
+        Without ``path``, a checkpoint that cannot be used (truncated, corrupt, not weights-only, from another
+        configuration) is reported and the previous one is tried, newest first; CheckpointError when none works.
+        """
+        candidates = [path] if path else (resume_candidates(self.out_dir) if self.out_dir else [])
+        failures = []
+        for candidate in candidates:
+            try:
+                self._restore(candidate)
+            except (CheckpointError, FileNotFoundError) as error:
+                failures.append(str(error))
+                logger.warning(f"cannot resume from {candidate}: {error}")
+                continue
+            if failures:
+                logger.warning(f"resumed from {candidate} instead, the newest checkpoint that loads")
+            return True
+        if failures:
+            raise CheckpointError("no checkpoint to resume from could be loaded:\n  " + "\n  ".join(failures))
+        return False
+
+    def _restore(self, path: str) -> None:
+        # map_location="cpu": the RNG states must stay CPU tensors; load_state_dict moves the rest to the
+        # parameters' device.
+        state = load_checkpoint(path, map_location="cpu")
+        missing = [key for key in ("model", "optimizer", "scheduler", "iteration") if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: not a training checkpoint (no {', '.join(missing)}); weights alone "
+                                  f"cannot be resumed from")
+        load_state_dict_checked(self.model, state["model"], path)
+        load_state_dict_checked(self.optimizer, state["optimizer"], path)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_iter = int(state["iteration"]) + 1
+        rng_states = state.get("rng")
+        # Each rank restores its own generators when the process count matches; otherwise the draws cannot be
+        # replayed, and each rank reseeds from (seed, rank, iteration) so that the ranks still differ.
+        if rng_states is not None and len(rng_states) == self.world_size:
+            self.rng_to_restore = rng_states[self.rank]
+        else:
+            torch.manual_seed(hash((self.config.get("seed", 0), self.rank, self.start_iter)) % 2**63)
+            logger.warning(f"{path} was written by {len(rng_states or [])} processes, this run has "
+                           f"{self.world_size}: random draws will differ from an uninterrupted run")
+        logger.info(f"resuming from {path} at iteration {self.start_iter}")
+
+    def restore_rng(self) -> None:
+        """Put back the generators that :meth:`resume` read, once: called when training starts, after the data
+        stream is built, so that nothing done at start-up consumes the restored draws."""
+        if self.rng_to_restore is not None:
+            restore_rng_state(self.rng_to_restore)
+            self.rng_to_restore = None
+
+    def save(self, file_name: str, iteration: int) -> None:
+        """Write a checkpoint of the state after ``iteration``. Every rank must call it: the RNG states are
+        gathered from all of them (rank 0 stores every rank's, so a resumed N-process run replays all of them)."""
+        rng_states = du.all_gather_object(capture_rng_state())
+        self.last_saved_iter = iteration
+        if self.rank != 0 or self.out_dir is None:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "iteration": iteration, "config": self.config,
+                 "rng": rng_states, **self.extra_state}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        logger.info(f"saved {save_checkpoint(state, self.out_dir, file_name)}")

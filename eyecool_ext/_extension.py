@@ -62,6 +62,27 @@ def compiled_with_cuda_emulation() -> bool:
     return True
 
 
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels' vectorised loops run: ``"baseline"`` (x86-64 SSE2, or any non-x86
+    CPU), ``"avx2"`` (AVX2 + FMA) or ``"avx512"`` (F/VL/DQ/BW): the widest this CPU supports, capped by the
+    environment variable ``EYECOOL_CPU_ISA=baseline|avx2|avx512`` (read once per process, at the first kernel
+    call; a cap above the CPU's support gives the CPU's best). None when the compiled extension is not loaded.
+
+    Raises ValueError when ``EYECOOL_CPU_ISA`` is set to anything else (the kernels then raise RuntimeError).
+    """
+    if _C is None:
+        return None
+    return _C.cpu_isa()
+
+
+def cpu_isa_supported() -> str | None:
+    """The widest instruction set this CPU can run the kernels' loops with, ignoring ``EYECOOL_CPU_ISA``
+    (``"baseline"``, ``"avx2"`` or ``"avx512"``); None when the compiled extension is not loaded."""
+    if _C is None:
+        return None
+    return _C.cpu_isa_supported()
+
+
 def load_error() -> Exception | None:
     """Why the compiled extension could not be loaded, or None."""
     return _load_error

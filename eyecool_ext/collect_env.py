@@ -1,7 +1,7 @@
 """Environment report for bug reports: ``python -m eyecool_ext.collect_env``.
 
 Prints torch and CUDA versions, the CUDA toolkit found, the compiler, how the extension was built (CUDA or not,
-GPU architectures) and the GPU present, and why the extension could not be loaded if it could not.
+GPU architectures), the CPU and the ISA variant its kernels run (EYECOOL_CPU_ISA), the GPU present, and why the extension could not be loaded if it could not.
 """
 from __future__ import annotations
 
@@ -31,6 +31,31 @@ def _toolkit_version(cuda_home):
         return release[0].strip() if release else lines
     except (OSError, subprocess.SubprocessError):
         return lines
+
+
+def _cpu_model():
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_isa_row():
+    """The ISA variant the CPU kernels run, the CPU's best and the cap, e.g. "avx2 (CPU: avx512, EYECOOL_CPU_ISA=avx2)";
+    a bad EYECOOL_CPU_ISA is reported, not raised (this report is for bug reports)."""
+    import eyecool_ext
+
+    cap = os.environ.get("EYECOOL_CPU_ISA")
+    detail = f"CPU: {eyecool_ext.cpu_isa_supported()}, EYECOOL_CPU_ISA={cap if cap else '(unset)'}"
+    try:
+        return f"{eyecool_ext.cpu_isa()} ({detail})"
+    except ValueError as exc:
+        return f"error: {exc} ({detail})"
 
 
 def collect() -> list:
@@ -68,6 +93,7 @@ def collect() -> list:
             rows.append(("eyecool_ext GPU architectures", C.cuda_arch_list() or "(torch default)"))
         rows.append(("eyecool_ext CUDA kernels emulated on the CPU", str(eyecool_ext.compiled_with_cuda_emulation())))
         rows.append(("eyecool_ext location", os.path.dirname(C.__file__)))
+        rows.append(("eyecool_ext CPU kernels' ISA", _cpu_isa_row()))
     else:
         rows.append(("eyecool_ext load error", repr(eyecool_ext.load_error())))
     if torch.cuda.is_available():
@@ -76,6 +102,7 @@ def collect() -> list:
             rows.append((f"GPU {i}", f"{torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})"))
     else:
         rows.append(("GPU", "none visible to torch"))
+    rows.append(("CPU", _cpu_model()))
     rows.append(("CPU threads (torch)", str(torch.get_num_threads())))
     return rows
 

@@ -10,7 +10,7 @@
 // logits' gradient, exp(x - max) * coefficient, reading each logit once (no softmax statistics recomputed).
 // Every output element is owned by one thread, so results do not depend on the thread count. The row loops are
 // compiled three times, for AVX-512, for AVX2+FMA and for the baseline ISA, and chosen at run time (16, 8 or 4
-// float lanes; the exp polynomial is what bounds them).
+// float lanes; the exp polynomial is what bounds them) by cpu_features.h's dispatch_cpu_isa.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -35,27 +35,8 @@
 #include <emmintrin.h>
 #endif
 
-#if EYECOOL_X86
-#define EYECOOL_TARGET_AVX2 __attribute__((target("avx2,fma")))
-// 512-bit vectors: GCC's default tuning would split them into 256-bit halves.
-#define EYECOOL_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")))
-#else
-#define EYECOOL_TARGET_AVX2
-#define EYECOOL_TARGET_AVX512
-#endif
-
 namespace eyecool {
 namespace {
-
-// The instruction set a row loop was compiled for, chosen once per call.
-enum class RowIsa { kBaseline, kAvx2, kAvx512 };
-
-RowIsa row_isa() {
-  if (cpu_has_avx512()) return RowIsa::kAvx512;
-  if (cpu_has_avx2()) return RowIsa::kAvx2;
-  return RowIsa::kBaseline;
-}
 
 // Software prefetch: a band reads each channel's few KB, a plane apart, i.e. a new 4 KB page per channel, and
 // the hardware prefetchers do not cross pages. When the logits are not in cache (in a training step the layers
@@ -248,43 +229,41 @@ __attribute__((always_inline)) inline void level_row_backward_body(const scalar_
   }
 }
 
-// The three compiled variants of each row loop and the run-time choice among them.
-#define EYECOOL_ROW_LOOP_VARIANTS(name, params, args)                                                        \
-  template <typename scalar_t, typename acc_t>                                                           \
-  EYECOOL_TARGET_AVX512 void name##_avx512 params { name##_body<scalar_t, acc_t> args; }                 \
-  template <typename scalar_t, typename acc_t>                                                           \
-  EYECOOL_TARGET_AVX2 void name##_avx2 params { name##_body<scalar_t, acc_t> args; }                     \
-  template <typename scalar_t, typename acc_t>                                                           \
-  void name##_baseline params { name##_body<scalar_t, acc_t> args; }                                     \
-  template <typename scalar_t, typename acc_t>                                                           \
-  void name(RowIsa isa, EYECOOL_UNPAREN params) {                                                        \
-    switch (isa) {                                                                                       \
-      case RowIsa::kAvx512: return name##_avx512<scalar_t, acc_t> args;                                  \
-      case RowIsa::kAvx2: return name##_avx2<scalar_t, acc_t> args;                                      \
-      default: return name##_baseline<scalar_t, acc_t> args;                                             \
-    }                                                                                                    \
-  }
-#define EYECOOL_UNPAREN(...) __VA_ARGS__
+// Each row loop's body compiled for the ISA cpu_isa() picked once per op call (cpu_features.h): AVX-512, AVX2+FMA
+// or baseline.
+template <typename scalar_t, typename acc_t>
+void band_statistics(CpuIsa isa, const scalar_t* base, int64_t plane, int64_t channels, int64_t num_stuff,
+                     int64_t pixels, acc_t* max, acc_t* total, acc_t* fg) {
+  dispatch_cpu_isa(isa, [&]() EYECOOL_ALWAYS_INLINE {
+    band_statistics_body<scalar_t, acc_t>(base, plane, channels, num_stuff, pixels, max, total, fg);
+  });
+}
 
-EYECOOL_ROW_LOOP_VARIANTS(band_statistics,
-                      (const scalar_t* base, int64_t plane, int64_t channels, int64_t num_stuff, int64_t pixels,
-                       acc_t* max, acc_t* total, acc_t* fg),
-                      (base, plane, channels, num_stuff, pixels, max, total, fg))
-EYECOOL_ROW_LOOP_VARIANTS(band_gradient,
-                      (const scalar_t* base, scalar_t* grad_base, int64_t plane, int64_t channels, int64_t num_stuff,
-                       int64_t pixels, const acc_t* max, const acc_t* thing_coefficient,
-                       const acc_t* stuff_coefficient),
-                      (base, grad_base, plane, channels, num_stuff, pixels, max, thing_coefficient,
-                       stuff_coefficient))
-EYECOOL_ROW_LOOP_VARIANTS(level_row_forward,
-                      (const scalar_t* r, scalar_t* out, const acc_t* fg_cells, int64_t width, bool prob_mode),
-                      (r, out, fg_cells, width, prob_mode))
-EYECOOL_ROW_LOOP_VARIANTS(level_row_backward,
-                      (const scalar_t* r, const scalar_t* grad_out, scalar_t* grad_r, const acc_t* fg_cells,
-                       acc_t* cell_grad, int64_t width, bool prob_mode),
-                      (r, grad_out, grad_r, fg_cells, cell_grad, width, prob_mode))
-#undef EYECOOL_ROW_LOOP_VARIANTS
-#undef EYECOOL_UNPAREN
+template <typename scalar_t, typename acc_t>
+void band_gradient(CpuIsa isa, const scalar_t* base, scalar_t* grad_base, int64_t plane, int64_t channels,
+                   int64_t num_stuff, int64_t pixels, const acc_t* max, const acc_t* thing_coefficient,
+                   const acc_t* stuff_coefficient) {
+  dispatch_cpu_isa(isa, [&]() EYECOOL_ALWAYS_INLINE {
+    band_gradient_body<scalar_t, acc_t>(base, grad_base, plane, channels, num_stuff, pixels, max, thing_coefficient,
+                                        stuff_coefficient);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void level_row_forward(CpuIsa isa, const scalar_t* r, scalar_t* out, const acc_t* fg_cells, int64_t width,
+                       bool prob_mode) {
+  dispatch_cpu_isa(isa, [&]() EYECOOL_ALWAYS_INLINE {
+    level_row_forward_body<scalar_t, acc_t>(r, out, fg_cells, width, prob_mode);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void level_row_backward(CpuIsa isa, const scalar_t* r, const scalar_t* grad_out, scalar_t* grad_r,
+                        const acc_t* fg_cells, acc_t* cell_grad, int64_t width, bool prob_mode) {
+  dispatch_cpu_isa(isa, [&]() EYECOOL_ALWAYS_INLINE {
+    level_row_backward_body<scalar_t, acc_t>(r, grad_out, grad_r, fg_cells, cell_grad, width, prob_mode);
+  });
+}
 
 // The kernels sweep bands of whole rows, which are contiguous runs of pixels in every channel plane: about 1024
 // pixels, so that each channel contributes a few KB of consecutive memory (one prefetch stream per channel row)
@@ -304,7 +283,7 @@ at::Tensor softmax_statistics(const at::Tensor& sem, int64_t num_stuff) {
   acc_t* max = stats.data_ptr<acc_t>();
   acc_t* total = max + stat_plane;
   acc_t* fg = total + stat_plane;
-  const RowIsa isa = row_isa();
+  const CpuIsa isa = cpu_isa();
   const int64_t rows_per_band = band_rows(height, width), bands = (height + rows_per_band - 1) / rows_per_band;
   at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
@@ -403,7 +382,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fg_fusion_forward_cpu(const at::
     for (const auto& r : rpn_logits) levels.push_back(r.contiguous());
     const LevelRows rows(levels, batch);
     const acc_t* fg = stats.data_ptr<acc_t>() + 2 * batch * height * width;
-    const RowIsa isa = row_isa();
+    const CpuIsa isa = cpu_isa();
     std::vector<LevelColumns> columns;
     for (const auto& level : levels) columns.emplace_back(width, level.size(3));
     at::parallel_for(0, rows.total(), 8, [&](int64_t begin, int64_t end) {
@@ -465,7 +444,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fg_fusion_backward_cpu(at::Tenso
     // Per cell: d out / d r = gate'(r) * fg_cell for the RPN logits, and d loss / d fg_cell = sum over anchors of
     // d loss / d out * gate(r).
     const LevelRows rows(levels, batch);
-    const RowIsa isa = row_isa();
+    const CpuIsa isa = cpu_isa();
     std::vector<LevelColumns> columns;
     for (size_t l = 0; l < levels.size(); ++l) columns.emplace_back(width, level_w[l]);
     at::parallel_for(0, rows.total(), 8, [&](int64_t begin, int64_t end) {

@@ -8,7 +8,7 @@
 //  * the instances run one at a time over the row: the pixels whose centres lie in the box are an interval,
 //    found once per (instance, row), where the pasted mask is sampled; every other pixel gets the instance's zero.
 // The row loops are compiled for AVX2 (without FMA, which would change the rounding of the resize taps' sums) and
-// for the baseline ISA, chosen at run time.
+// for the baseline ISA, chosen at run time by cpu_features.h's dispatch_cpu_isa (kMergeIsa, kMergeFma below).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,12 +24,6 @@
 #include "panoptic_merge.h"
 
 #include "cpu/cpu_features.h"
-
-#if EYECOOL_X86
-#define EYECOOL_TARGET_AVX2 __attribute__((target("avx2")))  // no FMA: sums must round as the header's do
-#else
-#define EYECOOL_TARGET_AVX2
-#endif
 
 namespace eyecool {
 namespace {
@@ -131,26 +125,17 @@ ResizedRow<acc_t, scalar_t> resized_row(const RowState<acc_t, scalar_t>& row, co
           row.w00.data(), row.w01.data(), row.w10.data(), row.w11.data()};
 }
 
-template <typename acc_t, typename SemRow>
-EYECOOL_TARGET_AVX2 void semantic_row_avx2(const SemRow& sem_row, int64_t channels, int64_t num_stuff, int64_t width,
-                                           acc_t* best_value, int32_t* best_label, acc_t* thing_max) {
-  semantic_row_body<acc_t>(sem_row, channels, num_stuff, width, best_value, best_label, thing_max);
-}
+// The row loops' variants: baseline and AVX2 (an AVX-512 CPU runs the AVX2 one), FMA left out so that every sum
+// rounds as panoptic_merge.h's (the labels must equal the CUDA kernel's and the reference's).
+constexpr CpuIsa kMergeIsa = CpuIsa::kAvx2;
+constexpr FmaPolicy kMergeFma = FmaPolicy::kUnfused;
 
 template <typename acc_t, typename SemRow>
-void semantic_row_baseline(const SemRow& sem_row, int64_t channels, int64_t num_stuff, int64_t width,
-                           acc_t* best_value, int32_t* best_label, acc_t* thing_max) {
-  semantic_row_body<acc_t>(sem_row, channels, num_stuff, width, best_value, best_label, thing_max);
-}
-
-template <typename acc_t, typename SemRow>
-void semantic_row(bool avx2, const SemRow& sem_row, int64_t channels, int64_t num_stuff, int64_t width,
+void semantic_row(CpuIsa isa, const SemRow& sem_row, int64_t channels, int64_t num_stuff, int64_t width,
                   acc_t* best_value, int32_t* best_label, acc_t* thing_max) {
-  if (avx2) {
-    semantic_row_avx2<acc_t>(sem_row, channels, num_stuff, width, best_value, best_label, thing_max);
-  } else {
-    semantic_row_baseline<acc_t>(sem_row, channels, num_stuff, width, best_value, best_label, thing_max);
-  }
+  dispatch_cpu_isa<kMergeIsa, kMergeFma>(isa, [&]() EYECOOL_ALWAYS_INLINE {
+    semantic_row_body<acc_t>(sem_row, channels, num_stuff, width, best_value, best_label, thing_max);
+  });
 }
 
 // Instance i's offers to the pixels [first, stop) of the row outside its box: Y_i = 0 and Y_i + M_i = 0. Label
@@ -175,19 +160,11 @@ __attribute__((always_inline)) inline void offer_zero_span_body(int64_t first, i
 }
 
 template <typename acc_t>
-EYECOOL_TARGET_AVX2 void offer_zero_span_avx2(int64_t first, int64_t stop, bool first_instance, int32_t label,
-                                              acc_t* best_value, int32_t* best_label, acc_t* max_y) {
-  offer_zero_span_body<acc_t>(first, stop, first_instance, label, best_value, best_label, max_y);
-}
-
-template <typename acc_t>
-void offer_zero_span(bool avx2, int64_t first, int64_t stop, bool first_instance, int32_t label, acc_t* best_value,
+void offer_zero_span(CpuIsa isa, int64_t first, int64_t stop, bool first_instance, int32_t label, acc_t* best_value,
                      int32_t* best_label, acc_t* max_y) {
-  if (avx2) {
-    offer_zero_span_avx2<acc_t>(first, stop, first_instance, label, best_value, best_label, max_y);
-  } else {
+  dispatch_cpu_isa<kMergeIsa, kMergeFma>(isa, [&]() EYECOOL_ALWAYS_INLINE {
     offer_zero_span_body<acc_t>(first, stop, first_instance, label, best_value, best_label, max_y);
-  }
+  });
 }
 
 // Instance i's offers to the pixels [first, stop) of row py inside its box: Y_i + M_i, and Y_i into max_i Y_i.
@@ -237,25 +214,13 @@ __attribute__((always_inline)) inline void instance_span_body(int64_t first, int
 }
 
 template <typename acc_t, typename scalar_t>
-EYECOOL_TARGET_AVX2 void instance_span_avx2(int64_t first, int64_t stop, bool first_instance, int32_t label,
-                                            const acc_t* y, acc_t x1, acc_t x2, acc_t iy, const scalar_t* mask,
-                                            int64_t mask_h, int64_t mask_w, acc_t* best_value, int32_t* best_label,
-                                            acc_t* max_y) {
-  instance_span_body<acc_t, scalar_t>(first, stop, first_instance, label, y, x1, x2, iy, mask, mask_h, mask_w,
-                                      best_value, best_label, max_y);
-}
-
-template <typename acc_t, typename scalar_t>
-void instance_span(bool avx2, int64_t first, int64_t stop, bool first_instance, int32_t label, const acc_t* y,
+void instance_span(CpuIsa isa, int64_t first, int64_t stop, bool first_instance, int32_t label, const acc_t* y,
                    acc_t x1, acc_t x2, acc_t iy, const scalar_t* mask, int64_t mask_h, int64_t mask_w,
                    acc_t* best_value, int32_t* best_label, acc_t* max_y) {
-  if (avx2) {
-    instance_span_avx2<acc_t, scalar_t>(first, stop, first_instance, label, y, x1, x2, iy, mask, mask_h, mask_w,
-                                        best_value, best_label, max_y);
-  } else {
+  dispatch_cpu_isa<kMergeIsa, kMergeFma>(isa, [&]() EYECOOL_ALWAYS_INLINE {
     instance_span_body<acc_t, scalar_t>(first, stop, first_instance, label, y, x1, x2, iy, mask, mask_h, mask_w,
                                         best_value, best_label, max_y);
-  }
+  });
 }
 
 at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_stuff, const at::Tensor& boxes_in,
@@ -281,7 +246,7 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
                 "] must be a thing index in [0, ", num_things, "), got ", cls[i]);
   }
   int64_t* out = labels.data_ptr<int64_t>();
-  const bool avx2 = cpu_has_avx2();
+  const CpuIsa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sem.scalar_type(), "upsnet_panoptic_merge_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* sem_ptr = sem.data_ptr<scalar_t>();
@@ -299,10 +264,10 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
           for (int64_t px = 0; px < width; ++px) {
             row.set_pixel(px, semantic_pixel<acc_t, scalar_t>(sem_ptr, in_h, in_w, height, width, px, py));
           }
-          semantic_row<acc_t>(avx2, resized_row(row, sem_ptr, plane), channels, num_stuff, width, best_value,
+          semantic_row<acc_t>(isa, resized_row(row, sem_ptr, plane), channels, num_stuff, width, best_value,
                               best_label, row.thing_max.data());
         } else {
-          semantic_row<acc_t>(avx2, DirectRow<acc_t, scalar_t>{sem_ptr + py * in_w, plane}, channels, num_stuff,
+          semantic_row<acc_t>(isa, DirectRow<acc_t, scalar_t>{sem_ptr + py * in_w, plane}, channels, num_stuff,
                               width, best_value, best_label, row.thing_max.data());
         }
         // upsnet_instance_candidates, instance by instance over the row.
@@ -313,8 +278,8 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
           const int32_t label = static_cast<int32_t>(num_stuff + i);
           int64_t first = 0, stop = 0;  // empty unless the row crosses the box
           if (box_side_holds(y1, y2, py)) side_span(x1, x2, width, first, stop);
-          offer_zero_span<acc_t>(avx2, 0, first, i == 0, label, best_value, best_label, max_y);
-          offer_zero_span<acc_t>(avx2, stop, width, i == 0, label, best_value, best_label, max_y);
+          offer_zero_span<acc_t>(isa, 0, first, i == 0, label, best_value, best_label, max_y);
+          offer_zero_span<acc_t>(isa, stop, width, i == 0, label, best_value, best_label, max_y);
           if (first == stop) continue;
           const int64_t channel = num_stuff + cls[i];
           const scalar_t* mask = mask_ptr + i * mask_h * mask_w;
@@ -327,7 +292,7 @@ at::Tensor upsnet_panoptic_merge_cpu(const at::Tensor& sem_logits, int64_t num_s
             const scalar_t* channel_row = sem_ptr + channel * plane + py * in_w;
             for (int64_t px = first; px < stop; ++px) y[px] = static_cast<acc_t>(channel_row[px]);
           }
-          instance_span<acc_t, scalar_t>(avx2, first, stop, i == 0, label, y, x1, x2, iy, mask, mask_h, mask_w,
+          instance_span<acc_t, scalar_t>(isa, first, stop, i == 0, label, y, x1, x2, iy, mask, mask_h, mask_w,
                                          best_value, best_label, max_y);
         }
         // The unknown logit, max_{t >= S} X[t] - max_i Y_i (max_i Y_i = 0 without instances).

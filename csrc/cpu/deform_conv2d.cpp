@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
-#include "cpu/gemm_avx512.h"
+#include "cpu/gemm.h"
 #include "deform_conv2d.h"
 
 namespace eyecool {
@@ -233,13 +233,15 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
   const int64_t tiles_per_image = (plane + tile - 1) / tile;
   const int64_t work_per_tile = tile * row * (s.out_channels / s.groups + 4);
   const auto make_cols = [&] { return at::empty({tile, row}, output.options()); };
-  // Float on an AVX-512 CPU: the weight packed once for gemm_avx512.h's kernel (see there why not at::mm).
-  std::vector<GemmPackedA> packed_weight;
+  // Float on an AVX2 or AVX-512 CPU: the weight packed once for gemm.h's kernel (see there why not at::mm).
+  std::vector<GemmPanels> packed_weight;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cpu_has_avx512()) {
+    const GemmIsa isa = gemm_best_isa();
+    if (isa != GemmIsa::kNone) {
+      packed_weight.resize(s.groups);
       for (int64_t g = 0; g < s.groups; ++g) {
-        packed_weight.push_back(gemm_pack_a(weight_rows.data_ptr<float>() + g * out_per_group * taps * c_per_group,
-                                            out_per_group, taps * c_per_group, taps * c_per_group));
+        gemm_pack_panels(isa, weight_rows.data_ptr<float>() + g * out_per_group * taps * c_per_group, out_per_group,
+                         taps * c_per_group, taps * c_per_group, 1, packed_weight[g]);
       }
     }
   }
@@ -271,8 +273,9 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
       if (!packed_weight.empty()) {
         float* out_n = output.data_ptr<float>() + n * s.out_channels * plane;
         for (int64_t g = 0; g < s.groups; ++g) {
-          gemm_packed_a_bt(packed_weight[g], cols_data + g * taps * c_per_group, count, row,
-                           out_n + g * out_per_group * plane + p0, plane, has_bias);
+          // out[m, p0 + p] (+)= sum_k cols[p, k] W[m, k]: the column tile's pixels are the GEMM's rows.
+          gemm_rows_x_panels(cols_data + g * taps * c_per_group, count, row, packed_weight[g],
+                             out_n + g * out_per_group * plane + p0, 1, plane, has_bias);
         }
         return;
       }
@@ -336,7 +339,8 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
     const int64_t local0 = block.c0 - block.group * c_per_group;
     const at::Tensor w_block = weight_perm.narrow(0, block.group * out_per_group, out_per_group)
                                    .narrow(2, local0, width)
-                                   .reshape({out_per_group, row});
+                                   .reshape({out_per_group, row})
+                                   .contiguous();  // [C_out_g, row], read by raw pointer below
     at::Tensor grad_w_block = at::zeros({out_per_group, row}, grad.options());
     const int64_t tile = cache_tile_pixels(row, sizeof(scalar_t), plane);
     at::Tensor cols = at::empty({tile, row}, grad.options());
@@ -347,6 +351,19 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
     scalar_t* grad_in = grad_input_cl.data_ptr<scalar_t>();
     scalar_t* off_part = offset_partial + b * s.batch * taps * 2 * plane;
     scalar_t* mask_part = mask_partial ? mask_partial + b * s.batch * taps * plane : nullptr;
+    // Float on an AVX2 or AVX-512 CPU: both GEMMs through gemm.h's kernel. The block's weight is packed once
+    // (grad_cols = grad_tile^T @ W: its columns r, depth the output channels); per tile the column tile is packed
+    // (grad_w += grad_tile @ cols: its columns r, depth the pixels) and the grad tile transposed to pixel rows.
+    GemmIsa isa = GemmIsa::kNone;
+    GemmPanels weight_panels, cols_panels;
+    std::vector<float> grad_tile_t;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      isa = gemm_best_isa();
+      if (isa != GemmIsa::kNone) {
+        gemm_pack_panels(isa, w_block.data_ptr<float>(), row, out_per_group, 1, row, weight_panels);
+        grad_tile_t.resize(static_cast<size_t>(tile * out_per_group));
+      }
+    }
     for (int64_t n = 0; n < s.batch; ++n) {
       const scalar_t* image_n = v.image + n * s.height * W * C;
       scalar_t* grad_in_n = grad_in + n * s.height * W * C;
@@ -361,10 +378,30 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
             write_sample(cols_data + p * row + k * width, image_n, s, mt, block.c0, width);
           }
         }
-        const at::Tensor grad_tile = grad_n.narrow(1, p0, count);  // [C_out_g, count]
-        grad_w_block.addmm_(grad_tile, cols.narrow(0, 0, count));
-        at::Tensor grad_cols_tile = grad_cols.narrow(0, 0, count);
-        at::mm_out(grad_cols_tile, grad_tile.t(), w_block);
+        bool own_gemm = false;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (isa != GemmIsa::kNone) {
+            own_gemm = true;
+            const float* grad_rows = grad_n.data_ptr<float>() + p0;  // [C_out_g] rows of `plane` pixels
+            // grad_w[m, r] += sum_p grad[m, p0 + p] cols[p, r]
+            gemm_pack_panels(isa, cols_data, row, count, 1, row, cols_panels);
+            gemm_rows_x_panels(grad_rows, out_per_group, plane, cols_panels, grad_w_block.data_ptr<float>(), row, 1,
+                               true);
+            // grad_cols[p, r] = sum_m grad[m, p0 + p] W[m, r], from the grad tile transposed to [count, C_out_g]
+            for (int64_t m = 0; m < out_per_group; ++m) {
+              const float* src = grad_rows + m * plane;
+              for (int64_t p = 0; p < count; ++p) grad_tile_t[p * out_per_group + m] = src[p];
+            }
+            gemm_rows_x_panels(grad_tile_t.data(), count, out_per_group, weight_panels, grad_cols.data_ptr<float>(),
+                               row, 1, false);
+          }
+        }
+        if (!own_gemm) {
+          const at::Tensor grad_tile = grad_n.narrow(1, p0, count);  // [C_out_g, count]
+          grad_w_block.addmm_(grad_tile, cols.narrow(0, 0, count));
+          at::Tensor grad_cols_tile = grad_cols.narrow(0, 0, count);
+          at::mm_out(grad_cols_tile, grad_tile.t(), w_block);
+        }
         for (int64_t p = 0; p < count; ++p) {
           const int64_t pixel = p0 + p;
           for (int64_t k = 0; k < taps; ++k) {

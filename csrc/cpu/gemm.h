@@ -1,11 +1,20 @@
-// A float GEMM for the deformable convolution's forward on AVX-512 CPUs: C (+)= A @ B^T with A the layer's weight
-// rows [M, K] (packed once per call) and B a tile's column matrix [P, K] (pixel-major, as the sampling writes it).
+// The float GEMM of the deformable convolution's CPU forward and backward, with an AVX-512 and an AVX2 + FMA
+// kernel picked at run time (cpu_features.h; EYECOOL_CPU_ISA caps the choice):
 //
-// Why not at::mm: torch's BLAS (MKL) runs its AVX2 code on AMD CPUs, ~98 GFLOP/s per core on this project's
-// machine where the AVX-512 units allow twice that, and the dense convolution the benchmark compares with
-// (oneDNN) uses them. The kernel computes C^T tiles of 8 pixels x 32 output channels (16 accumulators): per K
-// step two vector loads of the packed weight, eight broadcasts of the pixels' column values, 16 FMAs. Each C
-// element is one sequential sum over K, so the result does not depend on the thread count.
+//   C[i, j] = (accumulate ? C[i, j] : 0) + sum_k R[i, k] * P[j, k]
+//
+// R ("rows", read in place, each row contiguous in k, rows a fixed stride apart) is broadcast one value at a
+// time; P ("panels") is repacked once into panels of [depth][panel width] floats that the kernel loads as whole
+// vectors; C is written through any two strides (a vector store when its j stride is 1).
+//
+// Why not at::mm: torch's BLAS (MKL) runs its AVX2 code on AMD CPUs, half the speed the AVX-512 units allow,
+// and it needs a copy of whichever operand is not in one of its layouts (the column tile is [pixel, k] but the
+// output is [channel, pixel]). The kernel computes tiles of up to kMaxRows rows x one panel: per k step the
+// panel's vector loads, one broadcast per row and an FMA per (row, vector), all in registers.
+//
+// Determinism: every C element is one sequential FMA chain over k = 0 .. depth - 1 started from 0, then added
+// to C (when accumulating). Nothing depends on the thread count (one call runs on one thread); the ISA changes
+// the rounding of a product only through FMA contraction.
 #pragma once
 
 #include <cstdint>
@@ -13,17 +22,31 @@
 
 namespace eyecool {
 
-// A [M, K] (row stride lda) repacked as ceil(M / 32) panels of [K][32] floats (rows past M are zero).
-struct GemmPackedA {
-  int64_t rows = 0, depth = 0;
-  std::vector<float> panels;
+enum class GemmIsa { kNone, kAvx2, kAvx512 };
+
+// The best kernel this CPU (under EYECOOL_CPU_ISA) runs; kNone on a CPU without AVX2 + FMA (callers use at::mm).
+GemmIsa gemm_best_isa();
+// "avx512", "avx2" or "none".
+const char* gemm_isa_name(GemmIsa isa);
+// Whether this CPU can run `isa`'s kernel (kNone: never).
+bool gemm_isa_available(GemmIsa isa);
+
+// P[j, k] (j < columns, k < depth) repacked for one ISA's kernel: ceil(columns / width) panels of [depth][width]
+// floats, columns past `columns` zero.
+struct GemmPanels {
+  GemmIsa isa = GemmIsa::kNone;
+  int64_t columns = 0, depth = 0, width = 0;
+  std::vector<float> data;
 };
 
-GemmPackedA gemm_pack_a(const float* a, int64_t rows, int64_t depth, int64_t lda);
+// Packs P[j, k] = src[j * column_stride + k * depth_stride]. Reuses `out`'s storage (no allocation when it is
+// already large enough), so a per-tile repack costs only the copy.
+void gemm_pack_panels(GemmIsa isa, const float* src, int64_t columns, int64_t depth, int64_t column_stride,
+                      int64_t depth_stride, GemmPanels& out);
 
-// C[m, p] = (accumulate ? C[m, p] : 0) + sum_k A[m, k] * B[p, k] for m < a.rows, p < pixels; C has row stride
-// ldc, B row stride ldb. Requires cpu_has_avx512().
-void gemm_packed_a_bt(const GemmPackedA& a, const float* b, int64_t pixels, int64_t ldb, float* c, int64_t ldc,
-                      bool accumulate);
+// C[i, j] (+)= sum_k rows[i * row_stride + k] * P[j, k] for i < row_count, j < panels.columns; C[i, j] is
+// c[i * c_row_stride + j * c_column_stride]. Runs the kernel of panels.isa (which must be available).
+void gemm_rows_x_panels(const float* rows, int64_t row_count, int64_t row_stride, const GemmPanels& panels, float* c,
+                        int64_t c_row_stride, int64_t c_column_stride, bool accumulate);
 
 }  // namespace eyecool

@@ -1,10 +1,12 @@
 """Panoptic quality: eyecool's pq_compute against panopticapi's and hotcoco's (Rust) on 300 COCO-sized pairs.
 
-    python benchmarks/bench_pq.py [--images 300] [--repeat 3]
+    python benchmarks/bench_pq.py [--images 300] [--repeat 3] [--inflater zlib]
 
 generates 300 gt / prediction PNG pairs of 640x480 (Voronoi segments of 16 categories, things and stuff,
 crowd regions and void; predictions with moved boundaries, wrong categories and extra segments) into a
-temporary folder, checks that the three implementations agree, and prints their times and ratios.
+temporary folder, checks that the three implementations agree, and prints their times and ratios, and the
+inflater the PNG reader uses (libdeflate, found by the dynamic loader, else zlib; ``--inflater zlib`` times the
+zlib path on a machine that has libdeflate).
 ``cases(device)`` gives the same figures as rows for benchmarks/run.py, plus the pair-counting op against
 panopticapi's inner loop (``np.unique`` of the encoded pairs).
 """
@@ -192,7 +194,11 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", default=None, help="write the data set here (and reuse it) instead of a temp dir")
+    parser.add_argument("--inflater", choices=("default", "zlib"), default="default",
+                        help="zlib: the PNG reader skips libdeflate (EYECOOL_PNG_INFLATER=zlib)")
     args = parser.parse_args(argv)
+    if args.inflater == "zlib":
+        os.environ["EYECOOL_PNG_INFLATER"] = "zlib"  # read when the reader loads its inflater, at its first file
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or tmp
         start = time.perf_counter()
@@ -203,6 +209,7 @@ def main(argv=None) -> int:
             dataset = write_dataset(folder, args.images)
         print(f"data set: {args.images} pairs of 640x480 PNGs in {folder} ({time.perf_counter() - start:.1f} s)")
         timings = time_pq_compute(dataset, repeat=args.repeat)
+    print(f"PNG inflater: {ops.png_inflater() or 'none (PIL fallback)'}")
     ours = timings["eyecool"]["median_ms"]
     print(f"{'implementation':14s} {'median s':>9s} {'min s':>7s} {'ours faster by':>15s} {'max |diff|':>11s}")
     for name, t in timings.items():

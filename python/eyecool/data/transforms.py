@@ -154,9 +154,10 @@ def build_transforms(
     flip_prob: float = 0.5,
     min_size_test: Optional[int] = None,
 ) -> Compose:
-    """The standard pipeline. Training: resize (a random shorter side from ``min_size`` when it lists several:
-    multi-scale), horizontal flip, normalise. Test: resize to ``min_size_test`` (default: the largest of
-    ``min_size``), normalise. COCO: ``min_size=800, max_size=1333``."""
+    """The standard pipeline, the one every caller builds (the engine from ``data.min_size``, ``data.max_size`` and
+    ``data.flip``). Training: resize (a random shorter side from ``min_size`` when it lists several: multi-scale),
+    horizontal flip with probability ``flip_prob`` (none at 0), normalise. Test: resize to ``min_size_test``
+    (default: the largest of ``min_size``), normalise. COCO: ``min_size=800, max_size=1333``."""
     sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
     if is_train:
         steps = [ResizeShortestEdge(sizes, max_size)]

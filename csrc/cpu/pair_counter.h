@@ -1,5 +1,5 @@
-// The CPU side of pair counting, shared by pq_pair_counts (id maps) and panoptic_png_pair_counts (PNG
-// scanlines): a small open-addressing table of pair counts and the run-length pass that feeds it.
+// The CPU side of pair counting, shared by pq_pair_counts (id maps) and panoptic_png_file_pq_statistics (the
+// rows of two PNG files): a small open-addressing table of pair counts and the run-length pass that feeds it.
 #pragma once
 
 #include <cstdint>

@@ -146,7 +146,7 @@ void check_crowd_of_category(const at::Tensor& crowd_of_category, int64_t num_ca
   TORCH_CHECK(crowd_of_category.device().is_cpu() && crowd_of_category.scalar_type() == at::kLong &&
                   crowd_of_category.dim() == 1 && crowd_of_category.numel() == num_categories &&
                   crowd_of_category.is_contiguous(),
-              "panoptic_png_pq_statistics: crowd_of_category must be a contiguous int64 CPU tensor [",
+              "panoptic_png_file_pq_statistics: crowd_of_category must be a contiguous int64 CPU tensor [",
               num_categories, "], got ", crowd_of_category.scalar_type(), " of shape ", crowd_of_category.sizes());
 }
 

@@ -63,14 +63,9 @@ void parallel_items(int64_t count, int64_t work_per_item, const MakeScratch& mak
 }
 
 // ---- the hot channel loops ----
-// The extension is compiled for the baseline x86-64 ISA; these loops are cloned for AVX2+FMA and AVX-512 and the
-// best clone is picked when the library loads (function multi-versioning), so they run at full vector width
-// without a machine-specific build.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define EYECOOL_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define EYECOOL_VECTOR_CLONES
-#endif
+// Written once as always-inline bodies and compiled per ISA by cpu_features.h's dispatch_cpu_isa (baseline,
+// AVX2+FMA, AVX-512; EYECOOL_CPU_ISA caps the choice), so they run at full vector width without a
+// machine-specific build.
 
 // Independent partial sums per lane let the compiler vectorise a dot product without reassociating it (which
 // it may not do under IEEE rules); the lanes are added in a fixed order, so the result does not depend on the ISA
@@ -78,14 +73,14 @@ void parallel_items(int64_t count, int64_t work_per_item, const MakeScratch& mak
 constexpr int kLanes = 16;
 
 template <typename T>
-__attribute__((always_inline)) inline void blend4_body(T* __restrict__ dest, const T* __restrict__ p1,
+EYECOOL_ALWAYS_INLINE inline void blend4_body(T* __restrict__ dest, const T* __restrict__ p1,
                                                        const T* __restrict__ p2, const T* __restrict__ p3,
                                                        const T* __restrict__ p4, T w1, T w2, T w3, T w4, int64_t n) {
   for (int64_t c = 0; c < n; ++c) dest[c] = w1 * p1[c] + w2 * p2[c] + w3 * p3[c] + w4 * p4[c];
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void dot4_body(const T* __restrict__ g, const T* __restrict__ v1,
+EYECOOL_ALWAYS_INLINE inline void dot4_body(const T* __restrict__ g, const T* __restrict__ v1,
                                                      const T* __restrict__ v2, const T* __restrict__ v3,
                                                      const T* __restrict__ v4, int64_t n, T* __restrict__ sums) {
   T a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {}, a4[kLanes] = {};
@@ -119,41 +114,26 @@ __attribute__((always_inline)) inline void dot4_body(const T* __restrict__ g, co
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void axpy_body(T* __restrict__ dst, T a, const T* __restrict__ x, int64_t n) {
+EYECOOL_ALWAYS_INLINE inline void axpy_body(T* __restrict__ dst, T a, const T* __restrict__ x, int64_t n) {
   for (int64_t c = 0; c < n; ++c) dst[c] += a * x[c];
 }
 
-}  // namespace
-
-// Outside the anonymous namespace: the load-time resolver of a cloned function needs external linkage.
-namespace deform_cpu_loops {
 // dest[c] = w1 p1[c] + w2 p2[c] + w3 p3[c] + w4 p4[c]
-EYECOOL_VECTOR_CLONES void blend4(float* dest, const float* p1, const float* p2, const float* p3, const float* p4,
-                                  float w1, float w2, float w3, float w4, int64_t n) {
-  blend4_body(dest, p1, p2, p3, p4, w1, w2, w3, w4, n);
-}
-EYECOOL_VECTOR_CLONES void blend4(double* dest, const double* p1, const double* p2, const double* p3,
-                                  const double* p4, double w1, double w2, double w3, double w4, int64_t n) {
-  blend4_body(dest, p1, p2, p3, p4, w1, w2, w3, w4, n);
+template <typename T>
+void blend4(CpuIsa isa, T* dest, const T* p1, const T* p2, const T* p3, const T* p4, T w1, T w2, T w3, T w4,
+            int64_t n) {
+  dispatch_cpu_isa(isa, [&]() EYECOOL_ALWAYS_INLINE { blend4_body(dest, p1, p2, p3, p4, w1, w2, w3, w4, n); });
 }
 // sums[i] = sum_c g[c] v_i[c]
-EYECOOL_VECTOR_CLONES void dot4(const float* g, const float* v1, const float* v2, const float* v3, const float* v4,
-                                int64_t n, float* sums) {
-  dot4_body(g, v1, v2, v3, v4, n, sums);
-}
-EYECOOL_VECTOR_CLONES void dot4(const double* g, const double* v1, const double* v2, const double* v3,
-                                const double* v4, int64_t n, double* sums) {
-  dot4_body(g, v1, v2, v3, v4, n, sums);
+template <typename T>
+void dot4(CpuIsa isa, const T* g, const T* v1, const T* v2, const T* v3, const T* v4, int64_t n, T* sums) {
+  dispatch_cpu_isa(isa, [&]() EYECOOL_ALWAYS_INLINE { dot4_body(g, v1, v2, v3, v4, n, sums); });
 }
 // dst[c] += a x[c]
-EYECOOL_VECTOR_CLONES void axpy(float* dst, float a, const float* x, int64_t n) { axpy_body(dst, a, x, n); }
-EYECOOL_VECTOR_CLONES void axpy(double* dst, double a, const double* x, int64_t n) { axpy_body(dst, a, x, n); }
-}  // namespace deform_cpu_loops
-
-namespace {
-using deform_cpu_loops::axpy;
-using deform_cpu_loops::blend4;
-using deform_cpu_loops::dot4;
+template <typename T>
+void axpy(CpuIsa isa, T* dst, T a, const T* x, int64_t n) {
+  dispatch_cpu_isa(isa, [&]() EYECOOL_ALWAYS_INLINE { axpy_body(dst, a, x, n); });
+}
 
 // Raw pointers of one call's sampling inputs.
 template <typename scalar_t>
@@ -161,6 +141,7 @@ struct SamplingView {
   const scalar_t* image;   // [N, H, W, C_in] channels-last
   const scalar_t* offset;  // [N, offset_groups, K, 2, L] (the NCHW offset tensor, contiguous)
   const scalar_t* mask;    // [N, offset_groups, K, L], or nullptr for DCN v1
+  CpuIsa isa;              // the channel loops' variant (cpu_isa(), read once per call)
 };
 
 // One sample's taps with the modulation of its kernel point (1 without mask).
@@ -189,7 +170,7 @@ ModulatedTaps<scalar_t> sample(const DeformConv2dShape& s, const SamplingView<sc
 
 // dest[c] = sum_i w_i * tap_i[c] for `count` contiguous channels; a sample wholly outside the image is 0.
 template <typename scalar_t>
-inline void write_sample(scalar_t* dest, const scalar_t* image_n, const DeformConv2dShape& s,
+inline void write_sample(CpuIsa isa, scalar_t* dest, const scalar_t* image_n, const DeformConv2dShape& s,
                          const ModulatedTaps<scalar_t>& mt, int64_t c0, int64_t count) {
   const DeformTaps<scalar_t>& t = mt.taps;
   if (!t.any) {
@@ -198,7 +179,7 @@ inline void write_sample(scalar_t* dest, const scalar_t* image_n, const DeformCo
   }
   const int64_t C = s.in_channels, W = s.width;
   const scalar_t m = mt.modulation;
-  blend4(dest, image_n + (t.y_low * W + t.x_low) * C + c0, image_n + (t.y_low * W + t.x_high) * C + c0,
+  blend4(isa, dest, image_n + (t.y_low * W + t.x_low) * C + c0, image_n + (t.y_low * W + t.x_high) * C + c0,
          image_n + (t.y_high * W + t.x_low) * C + c0, image_n + (t.y_high * W + t.x_high) * C + c0, m * t.w1,
          m * t.w2, m * t.w3, m * t.w4, count);
 }
@@ -236,8 +217,8 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
   // Float on an AVX2 or AVX-512 CPU: the weight packed once for gemm.h's kernel (see there why not at::mm).
   std::vector<GemmPanels> packed_weight;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const GemmIsa isa = gemm_best_isa();
-    if (isa != GemmIsa::kNone) {
+    const CpuIsa isa = v.isa;
+    if (isa != CpuIsa::kBaseline) {
       packed_weight.resize(s.groups);
       for (int64_t g = 0; g < s.groups; ++g) {
         gemm_pack_panels(isa, weight_rows.data_ptr<float>() + g * out_per_group * taps * c_per_group, out_per_group,
@@ -263,7 +244,7 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
             const int64_t g = c / c_per_group;
             const int64_t stop = std::min(c_end, (g + 1) * c_per_group);
             scalar_t* dest = cols_row + g * taps * c_per_group + k * c_per_group + (c - g * c_per_group);
-            write_sample(dest, image_n, s, mt, c, stop - c);
+            write_sample(v.isa, dest, image_n, s, mt, c, stop - c);
             c = stop;
           }
         }
@@ -354,12 +335,12 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
     // Float on an AVX2 or AVX-512 CPU: both GEMMs through gemm.h's kernel. The block's weight is packed once
     // (grad_cols = grad_tile^T @ W: its columns r, depth the output channels); per tile the column tile is packed
     // (grad_w += grad_tile @ cols: its columns r, depth the pixels) and the grad tile transposed to pixel rows.
-    GemmIsa isa = GemmIsa::kNone;
+    CpuIsa isa = CpuIsa::kBaseline;
     GemmPanels weight_panels, cols_panels;
     std::vector<float> grad_tile_t;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      isa = gemm_best_isa();
-      if (isa != GemmIsa::kNone) {
+      isa = v.isa;
+      if (isa != CpuIsa::kBaseline) {
         gemm_pack_panels(isa, w_block.data_ptr<float>(), row, out_per_group, 1, row, weight_panels);
         grad_tile_t.resize(static_cast<size_t>(tile * out_per_group));
       }
@@ -375,12 +356,12 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
           for (int64_t k = 0; k < taps; ++k) {
             ModulatedTaps<scalar_t>& mt = samples[p * taps + k];
             mt = sample(s, v, n, block.offset_group, k, p0 + p);
-            write_sample(cols_data + p * row + k * width, image_n, s, mt, block.c0, width);
+            write_sample(v.isa, cols_data + p * row + k * width, image_n, s, mt, block.c0, width);
           }
         }
         bool own_gemm = false;
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (isa != GemmIsa::kNone) {
+          if (isa != CpuIsa::kBaseline) {
             own_gemm = true;
             const float* grad_rows = grad_n.data_ptr<float>() + p0;  // [C_out_g] rows of `plane` pixels
             // grad_w[m, r] += sum_p grad[m, p0 + p] cols[p, r]
@@ -415,7 +396,7 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
             const int64_t i4 = (t.y_high * W + t.x_high) * C + block.c0;
             // Channel sums sum_c gc[c] * tap_i[c]: the value and coordinate gradients are linear in the taps.
             scalar_t sums[4];
-            dot4(gc, image_n + i1, image_n + i2, image_n + i3, image_n + i4, width, sums);
+            dot4(v.isa, gc, image_n + i1, image_n + i2, image_n + i3, image_n + i4, width, sums);
             const scalar_t s1 = sums[0], s2 = sums[1], s3 = sums[2], s4 = sums[3];
             const scalar_t m = mt.modulation;
             scalar_t grad_y, grad_x;
@@ -430,7 +411,7 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
             const int64_t idx[4] = {i1, i2, i3, i4};
             for (int q = 0; q < 4; ++q) {
               if (!in[q] || !t.any) continue;  // on row or column -1 exactly every weight is 0
-              axpy(grad_in_n + idx[q], ws[q], gc, width);
+              axpy(v.isa, grad_in_n + idx[q], ws[q], gc, width);
             }
           }
         }
@@ -445,7 +426,7 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
 template <typename scalar_t>
 SamplingView<scalar_t> sampling_view(const at::Tensor& image_cl, const at::Tensor& offset, const at::Tensor& mask) {
   return {image_cl.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-          mask.defined() ? mask.data_ptr<scalar_t>() : nullptr};
+          mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, cpu_isa()};
 }
 
 // Half and bfloat16 run the float kernels; the CPU has no faster path for them.

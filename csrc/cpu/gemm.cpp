@@ -27,47 +27,19 @@ constexpr int kAvx512Rows = 12;
 constexpr int kAvx2Width = 16;
 constexpr int kAvx2Rows = 6;
 
-int64_t panel_width(GemmIsa isa) {
+int64_t panel_width(CpuIsa isa) {
   switch (isa) {
-    case GemmIsa::kAvx512:
+    case CpuIsa::kAvx512:
       return kAvx512Width;
-    case GemmIsa::kAvx2:
+    case CpuIsa::kAvx2:
       return kAvx2Width;
     default:
-      TORCH_CHECK(false, "gemm: no kernel for ISA ", gemm_isa_name(isa));
+      TORCH_CHECK(false, "gemm: no kernel for ISA ", cpu_isa_name(isa));
   }
 }
 }  // namespace
 
-GemmIsa gemm_best_isa() {
-  if (cpu_has_avx512()) return GemmIsa::kAvx512;
-  if (cpu_has_avx2()) return GemmIsa::kAvx2;
-  return GemmIsa::kNone;
-}
-
-const char* gemm_isa_name(GemmIsa isa) {
-  switch (isa) {
-    case GemmIsa::kAvx512:
-      return "avx512";
-    case GemmIsa::kAvx2:
-      return "avx2";
-    default:
-      return "none";
-  }
-}
-
-bool gemm_isa_available(GemmIsa isa) {
-  switch (isa) {
-    case GemmIsa::kAvx512:
-      return cpu_has_avx512();
-    case GemmIsa::kAvx2:
-      return cpu_has_avx2();
-    default:
-      return false;
-  }
-}
-
-void gemm_pack_panels(GemmIsa isa, const float* src, int64_t columns, int64_t depth, int64_t column_stride,
+void gemm_pack_panels(CpuIsa isa, const float* src, int64_t columns, int64_t depth, int64_t column_stride,
                       int64_t depth_stride, GemmPanels& out) {
   const int64_t width = panel_width(isa);
   const int64_t panels = (columns + width - 1) / width;
@@ -116,14 +88,12 @@ inline void write_tile_strided(const float (*acc)[Width], int rows, int columns,
   }
 }
 
-#define EYECOOL_GEMM_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
-#define EYECOOL_GEMM_AVX2 __attribute__((target("avx2,fma")))
 
 // One tile: rows i < MR (row i at r + i * stride, contiguous in k) times one panel [depth][32]: 2 * MR
 // accumulators. The rows are addressed from four pointers (rows 0, 3, 6, 9) plus the stride as an index
 // register scaled by 4 and 8, so that 12 rows need five general registers, not twelve.
 template <int MR>
-EYECOOL_GEMM_AVX512 void tile_avx512(const float* panel, const float* r, int64_t stride, int64_t depth, int columns,
+EYECOOL_TARGET_AVX512 void tile_avx512(const float* panel, const float* r, int64_t stride, int64_t depth, int columns,
                                      float* c, int64_t c_row_stride, int64_t c_column_stride, bool accumulate) {
   __m512 lo[MR], hi[MR];
 #pragma GCC unroll 16
@@ -169,7 +139,7 @@ EYECOOL_GEMM_AVX512 void tile_avx512(const float* panel, const float* r, int64_t
 }
 
 template <int MR>
-EYECOOL_GEMM_AVX2 void tile_avx2(const float* panel, const float* r, int64_t stride, int64_t depth, int columns,
+EYECOOL_TARGET_AVX2 void tile_avx2(const float* panel, const float* r, int64_t stride, int64_t depth, int columns,
                                  float* c, int64_t c_row_stride, int64_t c_column_stride, bool accumulate) {
   __m256 lo[MR], hi[MR];
 #pragma GCC unroll 16
@@ -222,10 +192,10 @@ constexpr TileKernel kAvx2Tiles[kAvx2Rows] = {tile_avx2<1>, tile_avx2<2>, tile_a
 
 void gemm_rows_x_panels(const float* rows, int64_t row_count, int64_t row_stride, const GemmPanels& panels, float* c,
                         int64_t c_row_stride, int64_t c_column_stride, bool accumulate) {
-  TORCH_CHECK(gemm_isa_available(panels.isa), "gemm: the ", gemm_isa_name(panels.isa),
+  TORCH_CHECK(gemm_isa_available(panels.isa), "gemm: the ", cpu_isa_name(panels.isa),
               " kernel does not run on this CPU (or EYECOOL_CPU_ISA caps it)");
 #if EYECOOL_X86
-  const bool avx512 = panels.isa == GemmIsa::kAvx512;
+  const bool avx512 = panels.isa == CpuIsa::kAvx512;
   const int max_rows = avx512 ? kAvx512Rows : kAvx2Rows;
   const TileKernel* kernels = avx512 ? kAvx512Tiles : kAvx2Tiles;
   const int64_t width = panels.width, depth = panels.depth;
@@ -245,10 +215,10 @@ void gemm_rows_x_panels(const float* rows, int64_t row_count, int64_t row_stride
 
 namespace {
 
-GemmIsa parse_isa(const std::string& name) {
-  if (name == "best") return gemm_best_isa();
-  if (name == "avx512") return GemmIsa::kAvx512;
-  if (name == "avx2") return GemmIsa::kAvx2;
+CpuIsa parse_isa(const std::string& name) {
+  if (name == "best") return gemm_isa();
+  if (name == "avx512") return CpuIsa::kAvx512;
+  if (name == "avx2") return CpuIsa::kAvx2;
   TORCH_CHECK(false, "eyecool_cpu::gemm: isa must be 'best', 'avx512' or 'avx2', got '", name, "'");
 }
 
@@ -269,8 +239,8 @@ at::Tensor gemm_op(at::Tensor out, const at::Tensor& rows, const at::Tensor& col
               columns.sizes());
   TORCH_CHECK(rows.size(1) <= 1 || rows.stride(1) == 1, "eyecool_cpu::gemm: rows must be contiguous in k, got strides ",
               rows.strides());
-  const GemmIsa isa = parse_isa(isa_name);
-  TORCH_CHECK(gemm_isa_available(isa), "eyecool_cpu::gemm: the ", gemm_isa_name(isa),
+  const CpuIsa isa = parse_isa(isa_name);
+  TORCH_CHECK(gemm_isa_available(isa), "eyecool_cpu::gemm: the ", cpu_isa_name(isa),
               " kernel does not run on this CPU (or EYECOOL_CPU_ISA caps it)");
   if (out.numel() == 0) return out;
   GemmPanels panels;
@@ -289,6 +259,6 @@ at::Tensor gemm_op(at::Tensor out, const at::Tensor& rows, const at::Tensor& col
 TORCH_LIBRARY(eyecool_cpu, m) {
   m.def("gemm(Tensor(a!) out, Tensor rows, Tensor columns, bool accumulate, str isa) -> Tensor(a!)",
         &eyecool::gemm_op);
-  // The kernel deform_conv2d's float GEMMs run on this CPU now: "avx512", "avx2" or "none" (at::mm).
-  m.def("gemm_isa() -> str", []() { return std::string(eyecool::gemm_isa_name(eyecool::gemm_best_isa())); });
+  // The kernel deform_conv2d's float GEMMs run on this CPU now: "avx512", "avx2" or "baseline" (at::mm).
+  m.def("gemm_isa() -> str", []() { return std::string(eyecool::cpu_isa_name(eyecool::gemm_isa())); });
 }

@@ -1,5 +1,5 @@
 // The float GEMM of the deformable convolution's CPU forward and backward, with an AVX-512 and an AVX2 + FMA
-// kernel picked at run time (cpu_features.h; EYECOOL_CPU_ISA caps the choice):
+// kernel picked at run time (cpu_features.h's cpu_isa(); EYECOOL_CPU_ISA caps the choice):
 //
 //   C[i, j] = (accumulate ? C[i, j] : 0) + sum_k R[i, k] * P[j, k]
 //
@@ -20,28 +20,27 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/cpu_features.h"
+
 namespace eyecool {
 
-enum class GemmIsa { kNone, kAvx2, kAvx512 };
-
-// The best kernel this CPU (under EYECOOL_CPU_ISA) runs; kNone on a CPU without AVX2 + FMA (callers use at::mm).
-GemmIsa gemm_best_isa();
-// "avx512", "avx2" or "none".
-const char* gemm_isa_name(GemmIsa isa);
-// Whether this CPU can run `isa`'s kernel (kNone: never).
-bool gemm_isa_available(GemmIsa isa);
+// The kernel cpu_isa() selects: kAvx512 or kAvx2, or kBaseline on a CPU without AVX2 + FMA (or capped to the
+// baseline), where there is no kernel and callers use at::mm.
+inline CpuIsa gemm_isa() { return cpu_isa(); }
+// Whether `isa` has a kernel that runs here under the cap (kBaseline: never).
+inline bool gemm_isa_available(CpuIsa isa) { return isa != CpuIsa::kBaseline && isa <= cpu_isa(); }
 
 // P[j, k] (j < columns, k < depth) repacked for one ISA's kernel: ceil(columns / width) panels of [depth][width]
 // floats, columns past `columns` zero.
 struct GemmPanels {
-  GemmIsa isa = GemmIsa::kNone;
+  CpuIsa isa = CpuIsa::kBaseline;
   int64_t columns = 0, depth = 0, width = 0;
   std::vector<float> data;
 };
 
 // Packs P[j, k] = src[j * column_stride + k * depth_stride]. Reuses `out`'s storage (no allocation when it is
 // already large enough), so a per-tile repack costs only the copy.
-void gemm_pack_panels(GemmIsa isa, const float* src, int64_t columns, int64_t depth, int64_t column_stride,
+void gemm_pack_panels(CpuIsa isa, const float* src, int64_t columns, int64_t depth, int64_t column_stride,
                       int64_t depth_stride, GemmPanels& out);
 
 // C[i, j] (+)= sum_k rows[i * row_stride + k] * P[j, k] for i < row_count, j < panels.columns; C[i, j] is

@@ -1,7 +1,9 @@
-"""panoptic_png_ids in plain numpy/PyTorch: PNG scanline unfiltering, row by row, then R + 256 G + 256^2 B.
+"""The pixel half of the C++ panoptic PNG reader (``csrc/cpu/png_unfilter.h``, behind
+``eyecool_ext.ops.read_panoptic_png``) in plain numpy/PyTorch: PNG scanline unfiltering, row by row, then
+R + 256 G + 256^2 B.
 
-Slow for the Average and Paeth filters (a Python loop over the pixels of such rows): an oracle for small
-images, not a decoder to use.
+Slow for the Average and Paeth filters (a Python loop over the pixels of such rows): the tests' oracle for small
+images, not a decoder to use (without the compiled reader, ``eyecool.panoptic_format.read_id_map`` uses PIL).
 """
 from __future__ import annotations
 

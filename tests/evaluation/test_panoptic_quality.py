@@ -421,3 +421,20 @@ def test_file_statistics_on_corrupted_bytes_is_not_handled_or_agrees(tmp_path):
         assert problem == 0
         for a, b in zip(ours, (expected.category, expected.iou, expected.tp, expected.fp, expected.fn)):
             assert np.array_equal(a.numpy(), b)
+
+
+@pytest.mark.parametrize("route", ["id maps", "PIL"])
+def test_fallback_routes_give_the_fast_path_numbers(tmp_path, monkeypatch, route):
+    """The one fallback (read_id_map of both files, pq_pair_counts, the numpy rules) gives the whole-file C++
+    call's numbers to the last bit, with the id maps from the C++ reader or from PIL."""
+    from eyecool.evaluation import panoptic_quality
+
+    rng = np.random.default_rng(21)
+    pairs = [random_pair(rng, image_id) for image_id in range(10)]
+    gt_json, gt_dir = write_split(str(tmp_path), "gt", [g for g, _ in pairs])
+    pred_json, pred_dir = write_split(str(tmp_path), "pred", [p for _, p in pairs])
+    fast = pq_compute(gt_json, pred_json, gt_dir, pred_dir, verbose=False)
+    monkeypatch.setattr(panoptic_quality.ops, "file_pq_statistics_available", lambda: False)
+    if route == "PIL":
+        monkeypatch.setattr(ops, "read_panoptic_png", lambda path: None)
+    assert pq_compute(gt_json, pred_json, gt_dir, pred_dir, verbose=False) == fast

@@ -13,7 +13,7 @@ from PIL import Image
 
 from eyecool_ext import ops, reference
 from op_tester import needs_compiled
-from png_files import filter_scanlines, id_png, pixel_ids, png_from_scanlines
+from png_files import chunk, filter_scanlines, id_png, pixel_ids, png_from_scanlines
 
 needs_reader = pytest.mark.skipif(not ops.file_pq_statistics_available(),
                                   reason="needs the compiled PNG reader and an inflater")
@@ -56,6 +56,16 @@ def test_read_matches_pil(tmp_path, mode, compress_level):
     small = ids[:3, :4]
     assert np.array_equal(ops.read_panoptic_png(_write(tmp_path, "s.png", id_png(small, mode))).numpy(), small)
 
+
+@needs_reader
+def test_ancillary_chunks_are_skipped(tmp_path):
+    """Chunks other than IHDR, IDAT and IEND (text, gamma, private ones) are CRC-checked and skipped."""
+    ids = np.random.default_rng(4).integers(0, 2**24, (6, 5))
+    data = id_png(ids)
+    ihdr_end = 8 + 25
+    extra = chunk(b"tEXt", b"Comment\0written by a test") + chunk(b"gAMA", b"\0\0\xb1\x8f") + chunk(b"prIv", b"x" * 40)
+    path = _write(tmp_path, "a.png", data[:ihdr_end] + extra + data[ihdr_end:])
+    assert np.array_equal(ops.read_panoptic_png(path).numpy(), ids)
 
 @needs_reader
 def test_what_the_reader_does_not_handle_is_none(tmp_path):

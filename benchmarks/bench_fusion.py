@@ -10,6 +10,9 @@ materialises the pasted masks and the (53 + 40 + 1)-channel logit stack and take
 logits resized inside the kernel (the reference resizes with F.interpolate first).
 
     python benchmarks/bench_fusion.py [cpu|cuda]
+
+On the CPU, EYECOOL_CPU_ISA=baseline|avx2|avx512 picks the variant of the kernels' loops to time (the line above
+the table says which ran).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import markdown_table, measure, measure_paired, row  # noqa: E402
 
+import eyecool_ext  # noqa: E402
 from eyecool_ext import ops, reference  # noqa: E402
 
 NUM_STUFF, NUM_CLASSES = 53, 133
@@ -120,4 +124,6 @@ if __name__ == "__main__":
     if "--steady-heap-child" in sys.argv:
         print(json.dumps(fusion_rows(sys.argv[1], heap="steady heap")))
     else:
+        # The CPU kernels' vectorised loops run this ISA (EYECOOL_CPU_ISA=baseline|avx2|avx512 caps it).
+        print(f"CPU kernels' ISA: {eyecool_ext.cpu_isa()} (CPU supports {eyecool_ext.cpu_isa_supported()})\n")
         print(markdown_table(cases(sys.argv[1] if len(sys.argv) > 1 else "cpu")))

@@ -8,7 +8,7 @@ re-implemented line for line on decoded masks with numpy (``COCOmask.area`` -> `
 no PNG), so it times the algorithm and not the file handling. It returns eyecool's encoding, and each case first
 checks that it equals eyecool's result. ``eyecool_ext.ops.heuristic_panoptic_merge`` has no compiled kernel:
 it is the vectorised PyTorch implementation (the same function as ``eyecool_ext.reference``'s), kept for
-comparison with the UPSNet merge (DESIGN.md section 4).
+comparison with the UPSNet merge (docs/design.md section 4).
 
 Cases: COCO-sized (800x1216, 53 stuff of 133 classes, 100 detections, as detectron2 feeds it) and demo-sized
 (128x128, the synthetic label space, 20 detections).
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import markdown_table, measure, row  # noqa: E402
 
+import eyecool_ext  # noqa: E402
 from eyecool_ext import ops  # noqa: E402
 
 OVERLAP, SCORE = 0.5, 0.5
@@ -111,4 +112,6 @@ def cases(device: str = "cpu"):
 
 
 if __name__ == "__main__":
+    # For the record beside the other benchmarks; this op has no compiled loops, so the ISA does not change it.
+    print(f"CPU kernels' ISA: {eyecool_ext.cpu_isa()} (not used by heuristic_panoptic_merge: no compiled kernel)\n")
     print(markdown_table(cases(sys.argv[1] if len(sys.argv) > 1 else "cpu")))

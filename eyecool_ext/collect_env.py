@@ -33,7 +33,7 @@ def _toolkit_version(cuda_home):
         return lines
 
 
-def _cpu_model():
+def cpu_model():
     """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -102,7 +102,7 @@ def collect() -> list:
             rows.append((f"GPU {i}", f"{torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})"))
     else:
         rows.append(("GPU", "none visible to torch"))
-    rows.append(("CPU", _cpu_model()))
+    rows.append(("CPU", cpu_model()))
     rows.append(("CPU threads (torch)", str(torch.get_num_threads())))
     return rows
 

@@ -29,8 +29,12 @@ def available_modules():
 def machine_description(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
-            f"threads, torch {torch.__version__}")
+    import eyecool_ext
+    from eyecool_ext.collect_env import cpu_model
+
+    # The CPU kernels' ISA variant (EYECOOL_CPU_ISA caps it), since their times depend on it.
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU kernels "
+            f"{eyecool_ext.cpu_isa()}, torch {torch.__version__}")
 
 
 def plot_speedups(rows, path: str, title: str) -> None:

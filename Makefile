@@ -44,7 +44,8 @@ $(VENV)/.extension-built: $(EXT_SOURCES) $(CONFIG_STAMP) $(VENV)/.installed-pack
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# Synthetic data -> train configs/demo.yaml -> evaluate -> pictures, on the CPU (see eyecool.engine.demo).
+# Synthetic data -> train the shipped demo config (python/eyecool/configs/demo.yaml) -> evaluate -> pictures,
+# on the CPU (see eyecool.engine.demo).
 DEMO_OUT ?= output/demo
 demo: install
 	$(PY) -m eyecool demo --out $(DEMO_OUT)

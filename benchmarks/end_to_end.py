@@ -3,8 +3,8 @@
     python benchmarks/end_to_end.py [--sizes 128 256] [--train-iters 10] [--infer-images 8] [--threads N]
                                     [--weights CKPT] [--json FILE]
 
-Per image size: the demo configuration (``configs/demo.yaml``: ResNet-18, DAM, RFF, deformable semantic
-branch, batch ``solver.ims_per_batch``) with ``data.min_size = data.max_size = size``, on batches of the
+Per image size: the demo configuration (``eyecool/configs/demo.yaml``: ResNet-18, DAM, RFF, deformable
+semantic branch, batch ``solver.ims_per_batch``) with ``data.min_size = data.max_size = size``, on batches of the
 synthetic data set (``eyecool.data.synthetic``, no flip, so both op sets see identical batches). Both networks
 start from the same weights (a fresh initialisation, or ``--weights``) and the same random state, and take the
 same optimiser steps (SGD with the configuration's warm-up); the first iteration's losses are printed for both
@@ -31,8 +31,7 @@ from typing import Dict, List
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
+DEFAULT_CONFIG = "demo"  # a shipped configuration (eyecool/configs/demo.yaml)
 OPS = ("eyecool", "torchvision")
 
 
@@ -187,7 +186,8 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="network and solver (default: configs/demo.yaml)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="network and solver: a file or a shipped name (default: demo)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[128], help="image sides (default: 128, the demo)")
     parser.add_argument("--train-iters", type=int, default=10, help="timed training iterations per op set")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training iterations first")

@@ -3,9 +3,9 @@ onnxruntime (``eyecool.export``), in one run.
 
     python benchmarks/export_inference.py [--cases demo r50] [--images 5] [--threads N] [--json FILE]
 
-Cases: ``demo`` (``configs/demo.yaml``: ResNet-18 + DAM + RFF + deformable semantic branch, 128x128 images) and
-``r50`` (``configs/eyecool_r50_dam.yaml``, COCO's 133 classes, an 800x1216 image). Random weights (no
-checkpoint is downloaded); the box head's score threshold is set to 0 so that every image fills its
+Cases: ``demo`` (``eyecool/configs/demo.yaml``: ResNet-18 + DAM + RFF + deformable semantic branch, 128x128
+images) and ``r50`` (``eyecool/configs/eyecool_r50_dam.yaml``, COCO's 133 classes, an 800x1216 image).
+Random weights (no checkpoint is downloaded); the box head's score threshold is set to 0 so that every image fills its
 ``detections_per_image`` (50 / 100) and the mask head, NMS and merge do their full work, as with a trained
 model, instead of finding nothing. Per image, both sides produce the panoptic prediction: the eager model
 ``model(image)``, and onnxruntime's network followed by the Python merge (:func:`eyecool.export.postprocess`);
@@ -28,14 +28,13 @@ import warnings
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from timing import measure, measure_paired  # noqa: E402
 
 CASES = {
-    "demo": (os.path.join(ROOT, "configs", "demo.yaml"), (128, 128),
+    "demo": ("demo", (128, 128),
              ["model.num_stuff=4", "model.num_things=4"]),
-    "r50": (os.path.join(ROOT, "configs", "eyecool_r50_dam.yaml"), (800, 1216),
+    "r50": ("eyecool_r50_dam", (800, 1216),
             ["model.num_stuff=53", "model.num_things=80", "model.backbone.weights=null"]),
 }
 
@@ -98,7 +97,7 @@ def benchmark(case: str, images: int, threads: int, tmp: str):
     # timed in a separate block, would meet another load on a shared machine than the paired runs did).
     outputs = predictor.run(image)
     merge_t = measure(lambda: postprocess(outputs, size, predictor.meta), warmup=1, repeat=repeat, max_seconds=120.0)
-    return {"case": case, "config": os.path.relpath(config, ROOT), "size": f"{size[0]}x{size[1]}",
+    return {"case": case, "config": config, "size": f"{size[0]}x{size[1]}",
             "detections": detections, "eager_ms": round(eager_t["median_ms"], 1),
             "onnx_ms": round(onnx_t["median_ms"], 1), "merge_ms": round(merge_t["median_ms"], 1),
             "ratio": round(eager_t["median_ms"] / onnx_t["median_ms"], 2), "runs": eager_t["runs"],

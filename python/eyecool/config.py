@@ -4,9 +4,13 @@ The defaults are the Eyecool COCO model (ResNet-50, UPSNet hyperparameters, DAM 
 UPSNet's COCO schedule. A YAML file holds only the keys it changes (same nesting as :class:`Config`), and
 overrides use dotted keys whose values are parsed as YAML::
 
-    cfg = load_config("python/eyecool/configs/synthetic_small.yaml",
-                      overrides=["model.backbone.depth=18", "solver.lr=0.01", "model.rff.mode=prob"])
+    cfg = load_config("demo", overrides=["model.backbone.depth=34", "solver.lr=0.01"])  # a shipped config
+    cfg = load_config("runs/my.yaml")          # or any YAML file
     save_config(cfg, "out/config.yaml")       # the full resolved configuration
+
+The shipped configurations are package data (``eyecool/configs/*.yaml``: ``demo``, ``eyecool_r50_dam``,
+``eyecool_r152``, ``eyecool_r152_rff``, ``upsnet_r50``), found with ``importlib.resources`` so that a name works
+from a source checkout and from an installed wheel alike.
 
 Sections: ``model`` (the network: read only by :func:`eyecool.modeling.build_model`), ``data`` (where the COCO
 panoptic files are, input sizes, loader workers), ``solver`` (optimiser and schedule), ``eval`` and ``output``.
@@ -15,6 +19,7 @@ Unknown keys and values of the wrong type are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import re
 import typing
 from dataclasses import dataclass, field
@@ -57,8 +62,8 @@ class RFFConfig:
     # off (plain RPN), logit (the paper: logit * fg) or prob (sigmoid(logit) * fg). prob by default, from the
     # ablation (`eyecool ablate`, README "Ablation": 3 seeds, 200 iterations of the demo network): with logit gating
     # the RPN objectness loss stays ~10x higher on every seed (0.27-0.32 vs 0.02-0.03 with prob or without RFF;
-    # background anchors drift to probability 0.5, DESIGN.md's flaw) and PQ is the lowest of the four rows (36.8 vs
-    # 38.0, stuff 67.1 vs 71.1); prob trains the RPN as well as no RFF. configs/eyecool_r152_rff.yaml pins logit
+    # background anchors drift to probability 0.5, docs/design.md's flaw) and PQ is the lowest of the four rows (36.8 vs
+    # 38.0, stuff 67.1 vs 71.1); prob trains the RPN as well as no RFF. The shipped eyecool_r152_rff pins logit
     # to reproduce the report.
     mode: str = "prob"
     detach_fg: bool = True  # fg carries no gradient back into the semantic branch
@@ -197,7 +202,7 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "output"
+    dir: str = "output"  # where `eyecool train` writes when no --out is given
     checkpoint_period: int = 5000
     log_period: int = 20
     tensorboard: bool = False  # also write the logged scalars as TensorBoard events to DIR/tensorboard
@@ -338,10 +343,12 @@ def config_from_dict(data: Dict[str, Any], base: Optional[Config] = None) -> Con
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
-    """The defaults, then the YAML file at ``path`` (if any), then each ``key.sub=value`` override in order."""
+    """The defaults, then the YAML file ``path`` (if any: a file, or the name of a shipped configuration, see
+    :func:`config_file`), then each ``key.sub=value`` override in order."""
     cfg = Config()
     if path is not None:
-        with open(path, "r", encoding="utf-8") as f:
+        source = config_file(path)
+        with source.open("r", encoding="utf-8") as f:
             data = _load_yaml(f) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a YAML mapping at the top level")
@@ -358,13 +365,37 @@ def save_config(cfg: Config, path: Union[str, Path]) -> None:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
-PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+def _shipped_configs() -> "importlib.resources.abc.Traversable":
+    return importlib.resources.files("eyecool") / "configs"
 
 
-def packaged_config(name: str) -> Path:
-    """Path of a YAML file shipped in ``eyecool/configs`` (``"coco_r50"``, ``"synthetic_small"``)."""
-    path = PACKAGED_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if not path.exists():
-        known = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
-        raise ValueError(f"no packaged config {name!r}; known: {known}")
-    return path
+def shipped_config_names() -> List[str]:
+    """The names of the configurations shipped in ``eyecool/configs``, sorted."""
+    return sorted(entry.name[:-len(".yaml")] for entry in _shipped_configs().iterdir()
+                  if entry.name.endswith(".yaml"))
+
+
+def packaged_config(name: str) -> "importlib.resources.abc.Traversable":
+    """The shipped configuration ``name`` (``"demo"``, ``"eyecool_r50_dam"``; ``.yaml`` optional): a file of the
+    installed package (``.open()``, ``.read_text()``). ValueError naming the known ones for another name."""
+    stem = name[:-len(".yaml")] if name.endswith(".yaml") else name
+    entry = _shipped_configs() / f"{stem}.yaml"
+    if "/" in stem or not entry.is_file():
+        raise ValueError(f"no packaged config {name!r}; known: {shipped_config_names()}")
+    return entry
+
+
+def config_file(name_or_path: Union[str, Path]) -> Union[Path, "importlib.resources.abc.Traversable"]:
+    """The configuration file ``name_or_path`` names: an existing file as it is; otherwise a shipped
+    configuration, named bare (``demo``, ``demo.yaml``) or as it lay in the source tree before it became package
+    data (``configs/demo.yaml``). FileNotFoundError naming the shipped ones when it is neither."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        try:
+            return packaged_config(path.name)
+        except ValueError:
+            pass
+    raise FileNotFoundError(f"configuration {str(name_or_path)!r}: no such file, nor one of the shipped "
+                            f"configurations {shipped_config_names()}")

@@ -35,9 +35,10 @@ def test_synth_train_eval_predict(tmp_path):
     data, out = tmp_path / "data", tmp_path / "train"
     eyecool("synth", "--out", str(data), "--num-train", "4", "--num-val", "2", "--size", "64")
     overrides = TINY + [f"data.root={data}"]
-    config = os.path.join(ROOT, "configs", "demo.yaml")
+    config = "demo"
 
-    train_log = eyecool("train", "--config", config, "--out", str(out), *overrides)
+    # No --out: training writes to the configuration's output.dir.
+    train_log = eyecool("train", "--config", config, *overrides, f"output.dir={out}")
     assert "iter: 2" in train_log and "max_mem" in train_log and "data_time" in train_log
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     for name in ("config.yaml", "model_0000001.pth", "model_final.pth", "metrics.json", "metrics_eval.json"):
@@ -77,7 +78,7 @@ def test_training_images_are_normalised(tmp_path):
     from eyecool.engine.api import build_dataset
 
     eyecool("synth", "--out", str(tmp_path), "--num-train", "2", "--num-val", "1", "--size", "64")
-    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), TINY + [f"data.root={tmp_path}"])
+    cfg = load_config("demo", TINY + [f"data.root={tmp_path}"])
     image = build_dataset(cfg, "train")[0]["image"]
     assert image.shape == (3, 64, 64) and image.dtype.is_floating_point
     assert image.min() < -0.5  # (x / 255 - mean) / std, not 0..1
@@ -90,7 +91,7 @@ def test_train_and_eval_under_torchrun(tmp_path):
     data, out = tmp_path / "data", tmp_path / "train"
     eyecool("synth", "--out", str(data), "--num-train", "4", "--num-val", "3", "--size", "64")
     overrides = TINY + [f"data.root={data}", "solver.max_iter=2", "output.checkpoint_period=0", "eval.period=0"]
-    config = os.path.join(ROOT, "configs", "demo.yaml")
+    config = "demo"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")] + sys.path),
                OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

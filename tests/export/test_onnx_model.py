@@ -21,7 +21,6 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytestmark = pytest.mark.skipif(not eyecool_ext.compiled(), reason="compiled extension not loaded")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 64
 TRAIN = ["model.fpn.channels=32", "model.semantic_head.hidden_channels=32", "model.semantic_head.out_channels=16",
          "model.roi_heads.box_fc_dim=64", "model.roi_heads.mask_conv_dim=32", "model.roi_heads.batch_size_per_image=32",
@@ -45,7 +44,7 @@ def trained(tmp_path_factory):
     try:
         root = tmp_path_factory.mktemp("trained")
         generate_synthetic_dataset(str(root / "data"), 2, 2, size=SIZE, workers=1)
-        cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), TRAIN + [f"data.root={root / 'data'}"])
+        cfg = load_config("demo", TRAIN + [f"data.root={root / 'data'}"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch_pq = train(cfg, str(root / "out"))

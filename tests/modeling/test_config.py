@@ -1,6 +1,6 @@
 import pytest
 
-from eyecool.config import Config, load_config, packaged_config, save_config
+from eyecool.config import Config, load_config, packaged_config, save_config, shipped_config_names
 
 
 def test_defaults_are_the_coco_model():
@@ -48,12 +48,30 @@ def test_bad_values_name_the_key(override, message):
         load_config(overrides=[override])
 
 
-def test_packaged_configs_load():
-    for name in ("coco_r50", "synthetic_small"):
-        load_config(packaged_config(name))
-    # The synthetic config's data paths are those `eyecool synth` writes under data.root.
-    small = load_config(packaged_config("synthetic_small"))
-    assert small.data.train_json == "annotations/panoptic_train.json"
-    assert small.data.val_image_dir == "images/val"
-    with pytest.raises(ValueError, match="no packaged config"):
+def test_every_shipped_config_loads_by_name_and_by_its_source_tree_path():
+    names = shipped_config_names()
+    assert {"demo", "eyecool_r50_dam", "eyecool_r152", "eyecool_r152_rff", "upsnet_r50"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert load_config(f"configs/{name}.yaml").to_dict() == cfg.to_dict() == load_config(f"{name}.yaml").to_dict()
+        # Where `eyecool train` writes without --out: each config names its own folder.
+        assert cfg.output.dir == f"output/{name}"
+    # The demo config's data paths are those `eyecool synth` writes under data.root.
+    demo = load_config(packaged_config("demo"))
+    assert demo.data.train_json == "annotations/panoptic_train.json"
+    assert demo.data.val_image_dir == "images/val"
+    with pytest.raises(ValueError, match=r"no packaged config 'nope'; known: \['demo'"):
         packaged_config("nope")
+
+
+def test_a_file_is_read_before_a_shipped_config_of_the_same_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo.yaml").write_text("seed: 7\n")
+    assert load_config("demo.yaml").seed == 7
+    assert load_config("demo").seed == load_config(packaged_config("demo")).seed == 0
+
+
+def test_unknown_config_names_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match=r"'nowhere/x.yaml': no such file, nor one of the shipped "
+                                                r"configurations \['demo'"):
+        load_config("nowhere/x.yaml")

@@ -2,7 +2,7 @@
 +DAM +RFF (logit, the paper's formula) and +DAM +RFF (prob, probability gating), each trained with the same
 schedule, data and seeds, and evaluated on the val split.
 
-Everything else is the configuration (default ``configs/demo.yaml``); a row changes only ``model.dam.enabled``
+Everything else is the configuration (default: the shipped ``demo``); a row changes only ``model.dam.enabled``
 and ``model.rff.mode``. Each run trains into ``DIR/runs/<row>_seed<N>`` with ``eyecool.train``; a run whose
 ``metrics_eval.json`` is already there is read back instead of retrained, so an interrupted ablation continues
 where it stopped. After every run ``DIR/ablation.json`` (every run's PQ summary, final training losses and wall
@@ -28,7 +28,7 @@ from .events import LOGGER_NAME, setup_logging
 
 logger = logging.getLogger(LOGGER_NAME + ".ablation")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # shipped in eyecool/configs
 # Table 1's rows: (key, label, the overrides that make the row).
 ROWS = (
     ("baseline", "UPSNet baseline", ["model.dam.enabled=false", "model.rff.mode=off"]),
@@ -132,7 +132,7 @@ def run_ablation(out_dir: str, config: Optional[str] = None, overrides: Sequence
     """Train and evaluate every row of ``rows`` (keys of :data:`ROWS`) once per seed; returns the summary
     (see :func:`summarize_runs`) and writes ``ablation.{json,md,png}`` in ``out_dir``.
 
-    ``config``: the base configuration (default ``configs/demo.yaml``), ``overrides`` applied to every run;
+    ``config``: the base configuration (default: the shipped ``demo``), ``overrides`` applied to every run;
     ``max_iter``: a shorter (or longer) schedule of the same shape (:func:`schedule_overrides`); the synthetic
     data set (``num_train`` / ``num_val`` images of ``image_size`` pixels, data seed 0) is written once to
     ``out_dir/data`` and shared by every run. ``seed`` is the run's seed: model initialisation and the order
@@ -200,7 +200,7 @@ def add_parser(subparsers) -> None:
                     "OUT/ablation.png (PQ, SQ, RQ for All / Things / Stuff, mean and spread over seeds). "
                     "Finished runs under OUT/runs are read back, so a rerun continues an interrupted ablation.")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--config", default=None, help="base configuration (default: configs/demo.yaml)")
+    parser.add_argument("--config", default=None, help="base configuration: a file or a shipped name (default: demo)")
     parser.add_argument("--rows", nargs="+", default=list(ROW_KEYS), choices=ROW_KEYS, help="rows to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--max-iter", type=int, default=None,

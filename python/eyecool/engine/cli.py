@@ -1,10 +1,12 @@
 """``eyecool train | eval | predict | demo``: thin wrappers over :mod:`eyecool.engine.api` (and, for ``demo``,
-:func:`eyecool.engine.demo.run_demo`). Configuration = ``--config FILE`` plus ``key=value`` overrides::
+:func:`eyecool.engine.demo.run_demo`). Configuration = ``--config FILE|NAME`` (a YAML
+file, or the name of one shipped in ``eyecool/configs``: ``demo``, ``eyecool_r50_dam``, ...) plus ``key=value``
+overrides::
 
-    eyecool train --config configs/eyecool_r50_dam.yaml --out out/r50 solver.ims_per_batch=8 [--resume]
-    torchrun --nproc_per_node=8 -m eyecool train --config configs/eyecool_r50_dam.yaml --out out/r50 device=cuda
-    eyecool eval --config configs/eyecool_r50_dam.yaml --weights out/r50/model_final.pth --out out/r50_eval
-    eyecool predict --config configs/demo.yaml --weights out/demo/model_final.pth a.jpg b.jpg --out vis/
+    eyecool train --config eyecool_r50_dam --out out/r50 solver.ims_per_batch=8 [--resume]
+    torchrun --nproc_per_node=8 -m eyecool train --config eyecool_r50_dam device=cuda   # to output.dir
+    eyecool eval --config eyecool_r50_dam --weights out/r50/model_final.pth --out out/r50_eval
+    eyecool predict --config demo --weights out/demo/model_final.pth a.jpg b.jpg --out vis/
     eyecool demo --out out/demo
     eyecool export --weights out/demo/model_final.pth --out out/demo/model.onnx
 """
@@ -24,7 +26,9 @@ def _load(config: str, overrides: Sequence[str]):
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
-    parser.add_argument("--config", required=config_required, help="YAML configuration file (see configs/)")
+    parser.add_argument("--config", required=config_required,
+                        help="YAML configuration: a file, or the name of a shipped one (demo, eyecool_r50_dam, "
+                             "eyecool_r152, eyecool_r152_rff, upsnet_r50)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="configuration overrides, e.g. solver.max_iter=100 model.rff.mode=prob")
 
@@ -39,9 +43,10 @@ def _split_overrides(values: Sequence[str]) -> (List[str], List[str]):
 def add_parser(subparsers) -> None:
     train = subparsers.add_parser("train", help="train a model (one process, or every process under torchrun)",
                                   description="Train on the configuration's train split; checkpoints, "
-                                              "metrics.json, config.yaml and the final evaluation go to --out.")
+                                              "metrics.json, config.yaml and the final evaluation go to --out "
+                                              "(default: output.dir).")
     _add_config_arguments(train)
-    train.add_argument("--out", required=True, help="output folder")
+    train.add_argument("--out", default=None, help="output folder (default: the configuration's output.dir)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last_checkpoint")
     train.add_argument("--ims-per-batch", type=int, default=None,
                        help="total batch size; the learning rate is scaled linearly from the configuration's")
@@ -57,17 +62,17 @@ def add_parser(subparsers) -> None:
 
     predict = subparsers.add_parser("predict", help="panoptic segmentation of image files",
                                     description="Per image: panoptic PNG, segments_info JSON and a visualisation.")
-    predict.add_argument("--config", required=True, help="YAML configuration file")
+    predict.add_argument("--config", required=True, help="YAML configuration: a file or a shipped name")
     predict.add_argument("--weights", required=True, help="checkpoint (.pth)")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE|key=value", help="image files, then overrides")
     predict.set_defaults(func=_predict)
 
     demo = subparsers.add_parser("demo", help="synthetic data -> train -> evaluate -> pictures (CPU, minutes)",
-                                 description="Generate the synthetic data set, train configs/demo.yaml, evaluate "
+                                 description="Generate the synthetic data set, train the demo configuration, evaluate "
                                              "it and write metrics, the model, visualisations and loss.png.")
     demo.add_argument("--out", required=True, help="output folder")
-    demo.add_argument("--config", default=None, help="configuration (default: configs/demo.yaml)")
+    demo.add_argument("--config", default=None, help="configuration (default: the shipped demo)")
     demo.add_argument("--num-train", type=int, default=None, help="synthetic training images")
     demo.add_argument("--num-val", type=int, default=None, help="synthetic validation images")
     demo.add_argument("--num-vis", type=int, default=None, help="validation images to draw under OUT/vis")
@@ -102,7 +107,7 @@ def _train(args) -> int:
         lr = linear_scaled_lr(cfg.solver.lr, cfg.solver.ims_per_batch, args.ims_per_batch)
         cfg = _load(args.config, list(args.overrides) + [f"solver.ims_per_batch={args.ims_per_batch}",
                                                          f"solver.lr={lr}"])
-    train(cfg, args.out, resume=args.resume)
+    train(cfg, args.out if args.out is not None else cfg.output.dir, resume=args.resume)
     _end_process_group()
     return 0
 

@@ -1,7 +1,8 @@
 """The demo: the whole pipeline on the synthetic data set, on a CPU, in minutes (``eyecool demo``, ``make demo``).
 
 1. write the synthetic data set (COCO panoptic format) to ``DIR/data``;
-2. train ``configs/demo.yaml`` on it (``eyecool.train``: ``DIR/model_final.pth``, ``DIR/metrics.json``, ...);
+2. train the shipped ``demo`` configuration (``eyecool/configs/demo.yaml``) on it (``eyecool.train``:
+   ``DIR/model_final.pth``, ``DIR/metrics.json``, ...);
 3. evaluate on the val split (``DIR/metrics_eval.json``, predictions in ``DIR/predictions/``);
 4. draw input / ground truth / prediction for a few val images (``DIR/vis/``) and the loss curves
    (``DIR/loss.png``).
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -21,7 +21,7 @@ from .events import LOGGER_NAME, setup_logging
 
 logger = logging.getLogger(LOGGER_NAME + ".demo")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # shipped in eyecool/configs (package data: found from a checkout or an installed wheel)
 # Synthetic set of the demo: the generator's scenes at 128 pixels (the demo model's input size).
 DEMO_NUM_TRAIN = 400
 DEMO_NUM_VAL = 50
@@ -62,17 +62,15 @@ def run_demo(out_dir: str, config: Optional[str] = None, overrides: Sequence[str
              num_train: int = DEMO_NUM_TRAIN, num_val: int = DEMO_NUM_VAL, num_vis: int = DEMO_NUM_VIS,
              image_size: int = DEMO_IMAGE_SIZE) -> Dict[str, float]:
     """Run the demo into ``out_dir``; returns the PQ summary of the val split."""
-    from eyecool.config import load_config
+    from eyecool.config import config_file, load_config
     from eyecool.data import generate_synthetic_dataset
     from eyecool.engine.api import PREDICTIONS_DIR, split_files, train
     from eyecool.visualize import plot_loss_curves
 
     start = time.perf_counter()
     setup_logging(out_dir)
-    config = config or str(DEFAULT_CONFIG)
-    if not os.path.isfile(config):
-        raise FileNotFoundError(f"{config} not found: run the demo from a source checkout (configs/ lies at the "
-                                f"repository root) or pass --config")
+    config = config or DEFAULT_CONFIG
+    config_file(config)  # FileNotFoundError naming the shipped configurations, before any data is written
     data_root = os.path.join(out_dir, "data")
     generate_synthetic_dataset(data_root, num_train, num_val, size=image_size, seed=0)
     logger.info(f"synthetic data set ({num_train} train, {num_val} val images of {image_size} px) in "

@@ -1,5 +1,6 @@
-"""Deformable convolution (DCN v1 and modulated v2), torchvision's op on eyecool's kernels, and the
-``DeformConv2d`` layer of the semantic branch (UPSNet's "DC subnet").
+"""Deformable convolution (DCN v1 and modulated v2), torchvision's op on eyecool's kernels, and
+``DeformConv2d``, a layer that predicts its own offsets (the network's semantic branch calls the op through its
+own ``eyecool.modeling.semantic_head.DeformableConv3x3``, which follows ``model.ops``).
 
 The op is registered in C++ (``torch.ops.eyecool.deform_conv2d``); this module adds the typed wrapper, the fake
 kernels that let ``torch.compile`` trace it, and its autograd formula, whose backward calls the registered
@@ -21,7 +22,7 @@ from torch.jit.annotations import BroadcastingList2
 
 from eyecool_ext import _extension, reference
 from eyecool_ext._utils import IntPair, ShapeError, pair
-from eyecool_ext.reference.deform_conv2d import check_deform_conv2d_args
+from eyecool_ext._utils import check_deform_conv2d_args
 
 _Proxy = torch.fx.Proxy
 
@@ -143,8 +144,9 @@ class DeformConv2d(nn.Module):
     modulation ``2 * sigmoid(0) = 1`` (the factor 2 keeps that identity; DCN v2's plain sigmoid would start at
     half the convolution).
 
-    This is the layer of the semantic branch (DESIGN.md section 5: deformable 3x3 256->256, 256->128,
-    128->128, each with its own offset convolution).
+    For users of the op library: the network's semantic branch (docs/design.md section 5) does not use this
+    layer but ``eyecool.modeling.semantic_head.DeformableConv3x3`` (DCN v1, 3x3), which calls ``deform_conv2d``
+    through the op backend that ``model.ops`` selects.
 
     Differences from ``torchvision.ops.DeformConv2d``, which takes its offsets (and mask) as inputs: the
     arguments after ``groups`` are ``offset_groups, bias, modulated`` (pass ``bias`` by keyword), the layer owns

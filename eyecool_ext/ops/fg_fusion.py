@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from eyecool_ext import _extension, reference
-from eyecool_ext.reference.fg_fusion import check_fg_fusion_args
+from eyecool_ext._utils import check_fg_fusion_args
 
 
 def fg_fusion(sem_logits: Tensor, rpn_logits: Sequence[Tensor], num_stuff: int, mode: str = "logit") -> List[Tensor]:

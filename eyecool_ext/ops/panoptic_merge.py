@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from eyecool_ext import _extension, reference
-from eyecool_ext.reference.panoptic_merge import (_check_batch_lengths, _per_image_sizes, check_panoptic_merge_args,
-                                                  heuristic_panoptic_merge)
+from eyecool_ext._utils import check_batch_lengths, check_panoptic_merge_args, per_image_sizes
+from eyecool_ext.reference.panoptic_merge import heuristic_panoptic_merge
 
 SizeLike = Optional[Union[int, Tuple[int, int]]]
 
@@ -69,8 +69,8 @@ def upsnet_panoptic_merge_batch(sem_logits: Union[Tensor, Sequence[Tensor]], num
         list of N ``Tensor[H_n, W_n]`` int64 label maps.
     """
     sem_list = list(sem_logits.unbind(0)) if isinstance(sem_logits, Tensor) else list(sem_logits)
-    _check_batch_lengths(sem_list, boxes, classes, mask_logits)
-    sizes = _per_image_sizes(output_sizes, len(sem_list))
+    check_batch_lengths(sem_list, boxes, classes, mask_logits)
+    sizes = per_image_sizes(output_sizes, len(sem_list))
     return [upsnet_panoptic_merge(s, num_stuff, b, c, m, o)
             for s, b, c, m, o in zip(sem_list, boxes, classes, mask_logits, sizes)]
 

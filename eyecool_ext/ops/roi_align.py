@@ -19,7 +19,7 @@ from torch.jit.annotations import BroadcastingList2
 
 from eyecool_ext import _extension, reference
 from eyecool_ext._utils import BoxesLike, boxes_to_rois, pair
-from eyecool_ext.reference.roi_align import pyramid_levels
+from eyecool_ext._utils import pyramid_levels
 
 _Proxy = torch.fx.Proxy
 

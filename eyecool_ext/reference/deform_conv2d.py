@@ -9,93 +9,13 @@ row or column -1 exactly, as torchvision's).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from eyecool_ext._autocast import autocast_on, reference_policy
-from eyecool_ext._utils import IntPair, pair
-
-
-class DeformConv2dShape(NamedTuple):
-    """Everything the kernels need to know about one call, derived from the argument shapes."""
-
-    stride: Tuple[int, int]
-    padding: Tuple[int, int]
-    dilation: Tuple[int, int]
-    groups: int  # weight groups: C_in / weight.shape[1]
-    offset_groups: int  # offset.shape[1] / (2 * kh * kw)
-    out_height: int
-    out_width: int
-
-
-def check_deform_conv2d_args(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             stride: IntPair, padding: IntPair, dilation: IntPair,
-                             mask: Optional[Tensor]) -> DeformConv2dShape:
-    """Validate a ``deform_conv2d`` call and infer its groups and output size.
-
-    Raises ValueError naming the argument, the expected shape and the given one.
-    """
-    stride = pair(stride, "stride", 1)
-    padding = pair(padding, "padding", 0)
-    dilation = pair(dilation, "dilation", 1)
-    for name, t in (("input", input), ("offset", offset), ("weight", weight)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"deform_conv2d: {name} must be a 4-d tensor, got {shape}")
-    n, c_in, height, width = input.shape
-    c_out, c_in_per_group, kh, kw = weight.shape
-    if not input.is_floating_point():
-        raise ValueError(f"deform_conv2d: input must be a floating point tensor, got {input.dtype}")
-    others = [("offset", offset), ("weight", weight)]
-    if mask is not None:
-        others.append(("mask", mask))
-    if bias is not None:
-        others.append(("bias", bias))
-    # Under autocast the op's autocast kernel (eyecool_ext.ops.autocast) casts them to one dtype first.
-    mixed_ok = autocast_on(input)
-    for name, t in others:
-        if t.dtype != input.dtype and not (mixed_ok and t.is_floating_point()):
-            raise ValueError(f"deform_conv2d: {name} must have the dtype of input ({input.dtype}), got {t.dtype}")
-        if t.device != input.device:
-            raise ValueError(f"deform_conv2d: {name} must be on the device of input ({input.device}), "
-                             f"got {t.device}")
-    if c_in == 0:
-        raise ValueError(f"deform_conv2d: input must have at least one channel, got input {tuple(input.shape)}")
-    if c_in_per_group == 0 or kh == 0 or kw == 0 or c_in % c_in_per_group != 0:
-        raise ValueError(f"deform_conv2d: input channels ({c_in}) must be divisible by weight.shape[1] "
-                         f"(input channels per group); got input {tuple(input.shape)}, weight {tuple(weight.shape)}")
-    groups = c_in // c_in_per_group
-    if c_out % groups != 0:
-        raise ValueError(f"deform_conv2d: output channels (weight.shape[0] = {c_out}) must be divisible by the "
-                         f"{groups} weight groups; got weight {tuple(weight.shape)}")
-    taps = kh * kw
-    if offset.shape[1] == 0 or offset.shape[1] % (2 * taps) != 0:
-        raise ValueError(f"deform_conv2d: offset must have 2 * offset_groups * kh * kw = a positive multiple of "
-                         f"{2 * taps} channels for a {kh}x{kw} kernel, got offset {tuple(offset.shape)}")
-    offset_groups = offset.shape[1] // (2 * taps)
-    if c_in % offset_groups != 0:
-        raise ValueError(f"deform_conv2d: input channels ({c_in}) must be divisible by the {offset_groups} offset "
-                         f"groups that offset {tuple(offset.shape)} implies")
-    out_height = (height + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
-    out_width = (width + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
-    if out_height <= 0 or out_width <= 0:
-        raise ValueError(f"deform_conv2d: the output would be empty ({out_height}x{out_width}) for input "
-                         f"{tuple(input.shape)}, a {kh}x{kw} kernel, stride {stride}, padding {padding}, "
-                         f"dilation {dilation}")
-    expected_offset = (n, 2 * offset_groups * taps, out_height, out_width)
-    if tuple(offset.shape) != expected_offset:
-        raise ValueError(f"deform_conv2d: offset must have shape {expected_offset} (batch, 2 * offset_groups * "
-                         f"kh * kw, output height, output width), got {tuple(offset.shape)}")
-    if mask is not None:
-        expected_mask = (n, offset_groups * taps, out_height, out_width)
-        if mask.dim() != 4 or tuple(mask.shape) != expected_mask:
-            raise ValueError(f"deform_conv2d: mask must have shape {expected_mask} (batch, offset_groups * kh * kw, "
-                             f"output height, output width), got {tuple(mask.shape)}")
-    if bias is not None and tuple(bias.shape) != (c_out,):
-        raise ValueError(f"deform_conv2d: bias must have shape ({c_out},), got {tuple(bias.shape)}")
-    return DeformConv2dShape(stride, padding, dilation, groups, offset_groups, out_height, out_width)
+from eyecool_ext._autocast import reference_policy
+from eyecool_ext._utils import IntPair, check_deform_conv2d_args
 
 
 @reference_policy("deform_conv2d", ("input", "offset", "weight", "mask", "bias"))

@@ -16,50 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eyecool_ext._autocast import autocast_on, reference_policy
-from eyecool_ext._utils import pair
-
-
-def check_panoptic_merge_args(sem_logits: Tensor, num_stuff: int, boxes: Tensor, classes: Tensor,
-                              mask_logits: Tensor, output_size) -> Optional[Tuple[int, int]]:
-    """Validate the arguments of ``upsnet_panoptic_merge`` (ValueError naming the argument)."""
-    if not isinstance(sem_logits, Tensor) or sem_logits.dim() != 3:
-        shape = tuple(sem_logits.shape) if isinstance(sem_logits, Tensor) else type(sem_logits).__name__
-        raise ValueError(f"sem_logits must be a 3-d Tensor [S + K, H, W], got {shape}")
-    if not sem_logits.is_floating_point():
-        raise ValueError(f"sem_logits must be a floating point tensor, got {sem_logits.dtype}")
-    channels = sem_logits.size(0)
-    if isinstance(num_stuff, bool) or not isinstance(num_stuff, int) or not 0 <= num_stuff < channels:
-        raise ValueError(f"num_stuff must be an int in [0, {channels}) (sem_logits has {channels} channels), "
-                         f"got {num_stuff!r}")
-    if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.size(1) != 4:
-        shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
-        raise ValueError(f"boxes must be a Tensor[M, 4] (x1, y1, x2, y2), got {shape}")
-    m = boxes.size(0)
-    if not isinstance(classes, Tensor) or classes.shape != (m,) or classes.is_floating_point():
-        shape = (tuple(classes.shape), classes.dtype) if isinstance(classes, Tensor) else type(classes).__name__
-        raise ValueError(f"classes must be an integer Tensor[{m}] (thing index per box), got {shape}")
-    if not isinstance(mask_logits, Tensor) or mask_logits.dim() != 3 or mask_logits.size(0) != m:
-        shape = tuple(mask_logits.shape) if isinstance(mask_logits, Tensor) else type(mask_logits).__name__
-        raise ValueError(f"mask_logits must be a Tensor[{m}, s, s] (one mask per box), got {shape}")
-    # Under autocast the op's autocast kernel (eyecool_ext.ops.autocast) casts them to one dtype first.
-    mixed_ok = autocast_on(sem_logits)
-    for name, t in (("boxes", boxes), ("mask_logits", mask_logits)):
-        if t.dtype != sem_logits.dtype and not (mixed_ok and t.is_floating_point()):
-            raise ValueError(f"{name} must have the dtype of sem_logits ({sem_logits.dtype}), got {t.dtype}")
-    for name, t in (("boxes", boxes), ("classes", classes), ("mask_logits", mask_logits)):
-        if t.device != sem_logits.device:
-            raise ValueError(f"{name} must be on the device of sem_logits ({sem_logits.device}), got {t.device}")
-    # Value checks need the values (a device synchronisation, and a graph break under torch.compile, where the
-    # CPU kernel still checks them and the CUDA kernel reads an out-of-range class as a 0 logit).
-    if m and not torch.compiler.is_compiling() and (classes.min() < 0 or classes.max() >= channels - num_stuff):
-        raise ValueError(f"classes must be thing indices in [0, {channels - num_stuff}), got values in "
-                         f"[{int(classes.min())}, {int(classes.max())}]")
-    if m and not torch.compiler.is_compiling() and not bool(torch.isfinite(boxes).all()):
-        # An infinite box edge makes the mask's sampling position inf / inf: no answer to paste.
-        row = int(torch.nonzero(~torch.isfinite(boxes))[0, 0])
-        raise ValueError(f"boxes must be finite, got boxes[{row}] = {boxes[row].tolist()}")
-    return None if output_size is None else pair(output_size, "output_size")
+from eyecool_ext._autocast import reference_policy
+from eyecool_ext._utils import check_batch_lengths, check_panoptic_merge_args, per_image_sizes
 
 
 def semantic_at_size(sem_logits: Tensor, output_size: Optional[Tuple[int, int]]) -> Tensor:
@@ -100,7 +58,7 @@ def paste_mask_logits(boxes: Tensor, mask_logits: Tensor, height: int, width: in
 
 def upsnet_logit_stack(sem_logits: Tensor, num_stuff: int, boxes: Tensor, classes: Tensor,
                        mask_logits: Tensor) -> Tensor:
-    """UPSNet's panoptic logit stack ``[S + M + 1, H, W]`` for one image (DESIGN.md section 6).
+    """UPSNet's panoptic logit stack ``[S + M + 1, H, W]`` for one image (docs/design.md section 6).
 
     Rows: the S stuff logits; ``Y_i + M_i`` per instance (semantic logit of its class and the pasted mask logit,
     both 0 outside the box); the unknown logit ``max_{t >= S} X[t] - max_i Y_i`` (0 where M = 0).
@@ -130,29 +88,10 @@ def upsnet_panoptic_merge_batch(sem_logits: Sequence[Tensor], num_stuff: int, bo
                                 classes: Sequence[Tensor], mask_logits: Sequence[Tensor],
                                 output_sizes=None) -> List[Tensor]:
     """Reference batched UPSNet merge: one :func:`upsnet_panoptic_merge` per image."""
-    sizes = _per_image_sizes(output_sizes, len(sem_logits))
-    _check_batch_lengths(sem_logits, boxes, classes, mask_logits)
+    sizes = per_image_sizes(output_sizes, len(sem_logits))
+    check_batch_lengths(sem_logits, boxes, classes, mask_logits)
     return [upsnet_panoptic_merge(s, num_stuff, b, c, m, o)
             for s, b, c, m, o in zip(sem_logits, boxes, classes, mask_logits, sizes)]
-
-
-def _per_image_sizes(output_sizes, num_images: int) -> list:
-    """``None``, one ``(H, W)`` for all images, or a list with one ``(H, W)`` (or None) per image."""
-    if output_sizes is None:
-        return [None] * num_images
-    if len(output_sizes) == 2 and all(isinstance(v, int) for v in output_sizes):
-        return [tuple(output_sizes)] * num_images
-    sizes = list(output_sizes)
-    if len(sizes) != num_images:
-        raise ValueError(f"output_sizes must be one (H, W) or one per image ({num_images}), got {len(sizes)}")
-    return sizes
-
-
-def _check_batch_lengths(sem_logits, boxes, classes, mask_logits) -> None:
-    lengths = {"sem_logits": len(sem_logits), "boxes": len(boxes), "classes": len(classes),
-               "mask_logits": len(mask_logits)}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"the per-image lists must have the same length, got {lengths}")
 
 
 def heuristic_panoptic_merge(sem_seg: Tensor, num_stuff: int, masks: Tensor, scores: Tensor,

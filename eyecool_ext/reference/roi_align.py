@@ -6,14 +6,13 @@ weights. Memory grows with K * C * bins * samples, so it is meant for tests and 
 """
 from __future__ import annotations
 
-import math
 from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from eyecool_ext._autocast import reference_policy
-from eyecool_ext._utils import BoxesLike, boxes_to_rois, pair
+from eyecool_ext._utils import BoxesLike, boxes_to_rois, fpn_level_index, pair, pyramid_levels
 
 
 def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, max_grid: int, size: int):
@@ -118,32 +117,6 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Tuple[int
     pooled_h, pooled_w = pair(output_size, "output_size")
     rois = boxes_to_rois(boxes, input)
     return _roi_align_rois(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
-
-
-def pyramid_levels(scales: Sequence[float]) -> Tuple[int, int]:
-    """(min_level, max_level) of the FPN levels whose scales are 2^-min_level, 2^-(min_level+1), ..."""
-    if len(scales) == 0:
-        raise ValueError("scales must name at least one level")
-    levels = [-math.log2(s) for s in scales]
-    for i, (s, lvl) in enumerate(zip(scales, levels)):
-        if abs(lvl - round(lvl)) > 1e-6:
-            raise ValueError(f"scales must be powers of 2, got {s} at level {i}")
-        if round(lvl) != round(levels[0]) + i:
-            raise ValueError(f"scales must halve from one level to the next (finest first), got {list(scales)}")
-    return round(levels[0]), round(levels[0]) + len(scales) - 1
-
-
-def fpn_level_index(rois: Tensor, min_level: int, max_level: int, canonical_box_size: float = 224.0,
-                    canonical_level: int = 4) -> Tensor:
-    """detectron2's level assignment as an index into the pooler's levels: ``[K]`` int64.
-
-    ``floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8))`` clamped to
-    ``[min_level, max_level]``, minus ``min_level``; a NaN (negative area) goes to the finest level.
-    """
-    area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
-    level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_box_size + 1e-8))
-    level = torch.nan_to_num(level, nan=float(min_level)).clamp(min_level, max_level)
-    return level.to(torch.long) - min_level
 
 
 @reference_policy("multilevel_roi_align", ("features", "boxes"))

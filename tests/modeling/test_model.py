@@ -155,6 +155,40 @@ def test_torchvision_backend_computes_the_same_network(batch):
                               pool_rois(op_backend("torchvision"), feats, rois, 7, scales), atol=1e-5)
 
 
+class _EyecoolOpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every ``torch.ops.eyecool.*`` call that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "eyecool":
+            self.seen.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not eyecool_ext.compiled(), reason="needs the compiled extension")
+def test_torchvision_backend_runs_no_eyecool_kernel_and_predicts_what_the_kernels_predict(batch):
+    """model.ops=torchvision means torchvision's ops and the plain-PyTorch references, the merge included."""
+    images, sizes, _ = batch
+    ours = _model("model.roi_heads.score_threshold_test=0.0", "model.panoptic.score_threshold=0.0").eval()
+    theirs = _model("model.ops=torchvision", "model.roi_heads.score_threshold_test=0.0",
+                    "model.panoptic.score_threshold=0.0").eval()
+    theirs.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        with _EyecoolOpsSeen() as kernels:
+            predicted = theirs(images, sizes)
+        assert kernels.seen == set()
+        with _EyecoolOpsSeen() as kernels:
+            expected = ours(images, sizes)
+        assert "upsnet_panoptic_merge" in kernels.seen
+    assert any(p["segments_info"] for p in expected)  # instances and stuff took part in the merge
+    for a, b in zip(predicted, expected):
+        assert torch.equal(a["panoptic_seg"], b["panoptic_seg"])
+        assert a["segments_info"] == b["segments_info"]
+
+
 def test_class_counts_come_from_the_data_set_when_unset():
     cfg = tiny_config("model.num_stuff=null", "model.num_things=null", "model.backbone.norm=gn")
     model = build_model(cfg, STUFF_IDS, THING_IDS)

@@ -2,8 +2,8 @@ import torch
 
 import eyecool_ext
 
-from eyecool.modeling.panoptic_head import (choose_kept_instances, panoptic_logits, panoptic_training_target,
-                                            paste_mask_logits)
+from eyecool.modeling.boxes import paste_mask_logits
+from eyecool.modeling.panoptic_head import choose_kept_instances, panoptic_logits, panoptic_training_target
 
 S = 2  # stuff classes; things follow
 

@@ -1,4 +1,4 @@
-"""The Eyecool panoptic network (DESIGN.md section 5), one module per part, and :func:`build_model`, the only
+"""The Eyecool panoptic network (docs/design.md section 5), one module per part, and :func:`build_model`, the only
 place that reads the model configuration."""
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def build_model(cfg, stuff_category_ids: Optional[Sequence[int]] = None,
                                  stride=fpn.strides[0], keep_fraction=p.keep_fraction,
                                  score_threshold=p.score_threshold, nms_threshold=p.nms_threshold,
                                  max_instances=p.max_instances, overlap_threshold=p.overlap_threshold,
-                                 stuff_area_limit=p.stuff_area_limit)
+                                 stuff_area_limit=p.stuff_area_limit, merge=backend.upsnet_panoptic_merge)
     w = m.loss_weights
     loss_weights = {"rpn_cls": w.rpn_cls, "rpn_loc": w.rpn_loc, "cls": w.cls, "box_reg": w.box_reg, "mask": w.mask,
                     "sem": w.sem, "panoptic": w.panoptic}

@@ -1,4 +1,5 @@
-"""Box arithmetic shared by the RPN and the ROI heads: delta coding, IoU matching and balanced sampling.
+"""Box arithmetic shared by the RPN and the ROI heads: delta coding, IoU matching and balanced sampling; and the
+pasting of mask logits into boxes shared by the panoptic head's training stack and panoptic inference.
 
 Matching and sampling are written without host synchronisation (no ``nonzero``, no ``.item()``): sampling
 draws a random priority per candidate and keeps the top ones with ``topk``, so the number of positives is a
@@ -10,6 +11,7 @@ import math
 from typing import Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Deltas larger than this (in log space) would overflow exp(): detectron2's clamp.
@@ -115,3 +117,43 @@ def sample_balanced(label: Tensor, batch_size: int, positive_fraction: float) ->
     priority = torch.where(chosen_pos, rand + 2.0, torch.where(is_neg, rand + 1.0, torch.full_like(rand, -1.0)))
     value, index = priority.topk(slots)
     return index, value >= 2.0, value >= 1.0
+
+
+def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
+    """``[M, height, width]`` float: 1 where the pixel centre (x + 0.5, y + 0.5) lies in the box ``[x1, x2) x
+    [y1, y2)`` (boxes ``[M, 4]`` xyxy in pixels), else 0."""
+    return _inside_boxes(boxes.to(torch.float32), height, width).to(torch.float32)
+
+
+def _inside_boxes(boxes: Tensor, height: int, width: int) -> Tensor:
+    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5
+    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5
+    inside_x = (xs.view(1, -1) >= boxes[:, 0:1]) & (xs.view(1, -1) < boxes[:, 2:3])
+    inside_y = (ys.view(1, -1) >= boxes[:, 1:2]) & (ys.view(1, -1) < boxes[:, 3:4])
+    return inside_y.unsqueeze(2) & inside_x.unsqueeze(1)
+
+
+def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
+    """Resample ``[M, s, s]`` mask logits bilinearly into their boxes on an ``height x width`` grid, 0 outside.
+
+    boxes ``[M, 4]`` xyxy in the grid's pixel units; a pixel inside its box (see :func:`box_masks`) samples the
+    mask at its centre's relative position in the box (bilinear, zero padding, align_corners=False): the
+    convention of the UPSNet merge kernel, so that training, the instance selection of inference and the merge
+    see the same logits. Computed in float32; returns ``[M, height, width]`` float32.
+    """
+    m = mask_logits.shape[0]
+    if m == 0:
+        return mask_logits.new_zeros((0, height, width), dtype=torch.float32)
+    boxes = boxes.to(torch.float32)
+    inside = _inside_boxes(boxes, height, width)
+    xs = torch.arange(width, device=boxes.device, dtype=torch.float32) + 0.5
+    ys = torch.arange(height, device=boxes.device, dtype=torch.float32) + 0.5
+    x1, y1, x2, y2 = (boxes[:, i].view(-1, 1) for i in range(4))
+    gx = ((xs.view(1, -1) - x1) / (x2 - x1)) * 2 - 1  # [M, W]
+    gy = ((ys.view(1, -1) - y1) / (y2 - y1)) * 2 - 1  # [M, H]
+    grid = torch.stack([gx.view(m, 1, width).expand(m, height, width),
+                        gy.view(m, height, 1).expand(m, height, width)], dim=-1)
+    grid = torch.where(inside.unsqueeze(-1), grid, torch.zeros_like(grid))  # keeps NaN/inf of empty boxes out
+    pasted = F.grid_sample(mask_logits.float().unsqueeze(1), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False).squeeze(1)
+    return torch.where(inside, pasted, torch.zeros_like(pasted))

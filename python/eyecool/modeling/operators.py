@@ -1,9 +1,11 @@
 """The op backend of the network (``model.ops``): eyecool's kernels, or torchvision's ops for comparison.
 
 ``eyecool``: ``eyecool_ext.ops.deform_conv2d``, ``multilevel_roi_align`` (one launch for all FPN levels, level
-assignment inside the kernel), ``roi_align`` and ``fg_fusion`` (each falls back to its reference where no
-kernel exists). ``torchvision``: ``torchvision.ops.deform_conv2d``, the per-level ``torchvision.ops.roi_align``
-loop of torchvision's ``MultiScaleRoIAlign`` (with detectron2's level rule) and the unfused PyTorch RFF. Both
+assignment inside the kernel), ``roi_align``, ``fg_fusion`` and ``upsnet_panoptic_merge`` (each falls back to its
+reference where no kernel exists). ``torchvision``: ``torchvision.ops.deform_conv2d``, the per-level
+``torchvision.ops.roi_align`` loop of torchvision's ``MultiScaleRoIAlign`` (with detectron2's level rule), and,
+where torchvision has no op, eyecool's plain-PyTorch references (``eyecool_ext.reference``): the unfused RFF and
+the UPSNet merge that materialises the logit stack and takes its argmax. No eyecool kernel runs under it. Both
 backends compute the same function, so a checkpoint runs under either; the end-to-end benchmark compares them.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torchvision
 from torch import Tensor
 
 import eyecool_ext
-from eyecool_ext.reference.roi_align import fpn_level_index, pyramid_levels
+from eyecool_ext._utils import fpn_level_index, pyramid_levels
 
 
 def _torchvision_multilevel_roi_align(features: List[Tensor], rois: Tensor, output_size: int,
@@ -33,36 +35,27 @@ def _torchvision_multilevel_roi_align(features: List[Tensor], rois: Tensor, outp
     return out
 
 
-def _torchvision_fg_fusion(sem_logits: Tensor, rpn_logits: List[Tensor], num_stuff: int,
-                           mode: str = "logit") -> List[Tensor]:
-    """RFF written with plain PyTorch ops (softmax, sum, adaptive average pooling, product)."""
-    fg = torch.softmax(sem_logits, dim=1)[:, num_stuff:].sum(dim=1, keepdim=True)
-    fused = []
-    for logits in rpn_logits:
-        fg_level = torch.nn.functional.adaptive_avg_pool2d(fg, logits.shape[-2:])
-        fused.append(logits * fg_level if mode == "logit" else torch.sigmoid(logits) * fg_level)
-    return fused
-
-
 @dataclass(frozen=True)
 class OpBackend:
-    """The four op entry points the network calls, with the signatures of ``eyecool_ext.ops``."""
+    """The five op entry points the network calls, with the signatures of ``eyecool_ext.ops``."""
 
     name: str
     deform_conv2d: Callable[..., Tensor]
     multilevel_roi_align: Callable[..., Tensor]
     roi_align: Callable[..., Tensor]
     fg_fusion: Callable[..., List[Tensor]]
+    upsnet_panoptic_merge: Callable[..., Tensor]
 
 
 def op_backend(name: str = "eyecool") -> OpBackend:
     """``"eyecool"`` or ``"torchvision"`` -> :class:`OpBackend`."""
     if name == "eyecool":
         return OpBackend("eyecool", eyecool_ext.ops.deform_conv2d, eyecool_ext.ops.multilevel_roi_align,
-                         eyecool_ext.ops.roi_align, eyecool_ext.ops.fg_fusion)
+                         eyecool_ext.ops.roi_align, eyecool_ext.ops.fg_fusion, eyecool_ext.ops.upsnet_panoptic_merge)
     if name == "torchvision":
         return OpBackend("torchvision", torchvision.ops.deform_conv2d, _torchvision_multilevel_roi_align,
-                         torchvision.ops.roi_align, _torchvision_fg_fusion)
+                         torchvision.ops.roi_align, eyecool_ext.reference.fg_fusion,
+                         eyecool_ext.reference.upsnet_panoptic_merge)
     raise ValueError(f"ops must be 'eyecool' or 'torchvision', got {name!r}")
 
 

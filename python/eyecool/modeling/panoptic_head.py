@@ -4,50 +4,20 @@ Training works at 1/4 scale on the ground-truth instances: a random ``keep_fract
 is kept; the per-pixel logit stack is the S stuff logits, one logit per kept instance (its class's semantic logit
 inside its box plus its mask logit pasted into the box) and the "unknown" logit; the target is the stuff class,
 the kept instance, or unknown for pixels of dropped instances and of crowd regions. Inference is
-:func:`eyecool.modeling.panoptic_inference.panoptic_inference` (DESIGN.md section 6).
+:func:`eyecool.modeling.panoptic_inference.panoptic_inference` (docs/design.md section 6).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import eyecool_ext
+
+from eyecool.modeling.boxes import box_masks, paste_mask_logits
 from eyecool.modeling.panoptic_inference import panoptic_inference
-
-
-def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
-    """Resample ``[M, s, s]`` mask logits bilinearly into their boxes on an ``height x width`` grid, 0 outside.
-
-    boxes ``[M, 4]`` xyxy in the grid's pixel units; a pixel (y, x) is inside when its centre (x + 0.5,
-    y + 0.5) lies in ``[x1, x2) x [y1, y2)``, and samples the mask at the centre's relative position in the box
-    (bilinear, zero padding, align_corners=False): the convention of the inference merge, so that training and
-    inference see the same logits. Returns ``[M, height, width]``.
-    """
-    m = mask_logits.shape[0]
-    if m == 0:
-        return mask_logits.new_zeros((0, height, width))
-    boxes = boxes.to(torch.float32)
-    xs = torch.arange(width, device=boxes.device, dtype=torch.float32) + 0.5
-    ys = torch.arange(height, device=boxes.device, dtype=torch.float32) + 0.5
-    x1, y1, x2, y2 = (boxes[:, i].view(-1, 1) for i in range(4))
-    gx = 2.0 * (xs.view(1, -1) - x1) / (x2 - x1).clamp(min=1e-6) - 1.0  # [M, W]
-    gy = 2.0 * (ys.view(1, -1) - y1) / (y2 - y1).clamp(min=1e-6) - 1.0  # [M, H]
-    grid = torch.stack([gx.view(m, 1, width).expand(m, height, width),
-                        gy.view(m, height, 1).expand(m, height, width)], dim=-1)
-    pasted = F.grid_sample(mask_logits.float().unsqueeze(1), grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False).squeeze(1)
-    return pasted * box_masks(boxes, height, width)
-
-
-def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
-    """``[M, height, width]`` float: 1 where the pixel centre lies inside the box (see :func:`paste_mask_logits`)."""
-    xs = torch.arange(width, device=boxes.device, dtype=torch.float32) + 0.5
-    ys = torch.arange(height, device=boxes.device, dtype=torch.float32) + 0.5
-    inside_x = (xs.view(1, -1) >= boxes[:, 0:1]) & (xs.view(1, -1) < boxes[:, 2:3])
-    inside_y = (ys.view(1, -1) >= boxes[:, 1:2]) & (ys.view(1, -1) < boxes[:, 3:4])
-    return (inside_y.unsqueeze(2) & inside_x.unsqueeze(1)).to(torch.float32)
 
 
 def panoptic_logits(sem_logits: Tensor, boxes: Tensor, classes: Tensor, mask_logits: Tensor,
@@ -134,15 +104,16 @@ class PanopticHead(nn.Module):
         stride: scale of the semantic logits the training loss works on (4).
         keep_fraction: share of the non-crowd ground-truth instances kept in training (0.7).
         stuff_category_ids, thing_category_ids: the data set's category ids in contiguous order.
-        score_threshold, nms_threshold, max_instances, overlap_threshold, stuff_area_limit: see
-            :func:`eyecool.modeling.panoptic_inference.panoptic_inference`.
+        score_threshold, nms_threshold, max_instances, overlap_threshold, stuff_area_limit, merge: see
+            :func:`eyecool.modeling.panoptic_inference.panoptic_inference` (``merge``: the backend's, ``model.ops``).
     """
 
     def __init__(self, *, num_stuff: int, stuff_category_ids: Sequence[int], thing_category_ids: Sequence[int],
                  stride: int = 4, keep_fraction: float = 0.7, score_threshold: float = 0.6,
                  nms_threshold: float = 0.5, max_instances: int = 100, overlap_threshold: float = 0.3,
-                 stuff_area_limit: int = 4096):
+                 stuff_area_limit: int = 4096, merge: Callable[..., Tensor] = eyecool_ext.ops.upsnet_panoptic_merge):
         super().__init__()
+        self.merge = merge
         self.num_stuff = num_stuff
         self.stuff_category_ids = list(stuff_category_ids)
         self.thing_category_ids = list(thing_category_ids)
@@ -192,4 +163,4 @@ class PanopticHead(nn.Module):
                                   self.thing_category_ids, output_size=output_size,
                                   score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
                                   max_instances=self.max_instances, overlap_threshold=self.overlap_threshold,
-                                  stuff_area_limit=self.stuff_area_limit)
+                                  stuff_area_limit=self.stuff_area_limit, merge=self.merge)

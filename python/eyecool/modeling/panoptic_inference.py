@@ -2,8 +2,9 @@
 prediction (an id map and its ``segments_info``).
 
 Where it sits: the last step of ``PanopticModel`` at inference, after the box and mask heads. The per-pixel merge
-is the fused ``eyecool_ext.ops.upsnet_panoptic_merge`` kernel; the steps around it (which detections take part,
-which segments survive, the conversion to dataset category ids) are here, following DESIGN.md section 6:
+is the fused ``eyecool_ext.ops.upsnet_panoptic_merge`` kernel (the plain-PyTorch reference merge
+under ``model.ops=torchvision``); the steps around it (which detections take part, which segments survive, the
+conversion to dataset category ids) are here, following docs/design.md section 6:
 
 1. detections with score > ``score_threshold`` (0.6), class-agnostic NMS (``nms_threshold`` 0.5), at most
    ``max_instances`` (100), highest score first;
@@ -14,13 +15,14 @@ which segments survive, the conversion to dataset category ids) are here, follow
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torchvision
 from torch import Tensor
 
 import eyecool_ext
+from eyecool.modeling.boxes import paste_mask_logits
 
 
 def _pixel_range(low: float, high: float, size: int) -> Tuple[int, int]:
@@ -33,7 +35,7 @@ def _pixel_range(low: float, high: float, size: int) -> Tuple[int, int]:
 def instance_masks(boxes: Tensor, mask_logits: Tensor, height: int, width: int) -> List[Tuple[int, int, Tensor]]:
     """Binary masks of the instances (pasted mask logit > 0, i.e. probability > 0.5, inside the box).
 
-    Uses the pasting convention of the merge (pixel centres, bilinear, align_corners=False), restricted to each
+    Uses the pasting convention of the merge (``eyecool.modeling.boxes.paste_mask_logits``), restricted to each
     box's pixels so that no ``[M, H, W]`` tensor is built.
 
     Args:
@@ -52,9 +54,8 @@ def instance_masks(boxes: Tensor, mask_logits: Tensor, height: int, width: int) 
         crop_box[:, 1::2] -= y0
         # Shifting box and pixel centres by the same whole number of pixels leaves cx - x1 and x2 - x1 exact
         # (Sterbenz), so the crop gets bit for bit the full-image paste.
-        inside, pasted = eyecool_ext.reference.paste_mask_logits(crop_box, logits.unsqueeze(0), y_stop - y0,
-                                                                  x_stop - x0)
-        out.append((y0, x0, (inside & (pasted > 0))[0]))
+        pasted = paste_mask_logits(logits.unsqueeze(0), crop_box, y_stop - y0, x_stop - x0)  # 0 outside the box
+        out.append((y0, x0, (pasted > 0)[0]))
     return out
 
 
@@ -126,8 +127,10 @@ def panoptic_inference(sem_logits: Tensor, boxes: Tensor, scores: Tensor, classe
                        num_stuff: int, stuff_category_ids: Sequence[int], thing_category_ids: Sequence[int],
                        output_size: Optional[Tuple[int, int]] = None, score_threshold: float = 0.6,
                        nms_threshold: float = 0.5, max_instances: int = 100, overlap_threshold: float = 0.3,
-                       stuff_area_limit: int = 4096) -> Tuple[Tensor, List[dict]]:
-    """UPSNet panoptic inference for one image (DESIGN.md section 6).
+                       stuff_area_limit: int = 4096,
+                       merge: Callable[..., Tensor] = eyecool_ext.ops.upsnet_panoptic_merge
+                       ) -> Tuple[Tensor, List[dict]]:
+    """UPSNet panoptic inference for one image (docs/design.md section 6).
 
     Args:
         sem_logits: ``Tensor[S + K, h, w]`` semantic logits, stuff first; at the output size, or at any scale
@@ -142,6 +145,8 @@ def panoptic_inference(sem_logits: Tensor, boxes: Tensor, scores: Tensor, classe
         thing_category_ids: the dataset's category id of each of the K thing channels.
         output_size: ``(H, W)`` of the prediction; default the size of ``sem_logits``.
         score_threshold, nms_threshold, max_instances, overlap_threshold, stuff_area_limit: see the module doc.
+        merge: the per-pixel merge, with the signature of ``eyecool_ext.ops.upsnet_panoptic_merge`` (that kernel by
+            default; ``model.ops=torchvision`` passes the plain-PyTorch reference merge).
 
     Returns:
         ``(panoptic_seg, segments_info)``: ``Tensor[H, W]`` int64 segment ids (0 void) and one dict per segment
@@ -163,7 +168,7 @@ def panoptic_inference(sem_logits: Tensor, boxes: Tensor, scores: Tensor, classe
                             max_instances, overlap_threshold)
     kept_boxes = boxes[kept].to(sem_logits.dtype)
     kept_classes = classes[kept].long()
-    labels = eyecool_ext.ops.upsnet_panoptic_merge(sem_logits, num_stuff, kept_boxes, kept_classes,
-                                                   mask_logits[kept].to(sem_logits.dtype), (height, width))
+    labels = merge(sem_logits, num_stuff, kept_boxes, kept_classes, mask_logits[kept].to(sem_logits.dtype),
+                   (height, width))
     return labels_to_panoptic(labels, num_stuff, kept_classes, scores[kept], stuff_category_ids, thing_category_ids,
                               stuff_area_limit)

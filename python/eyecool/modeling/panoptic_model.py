@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from eyecool.modeling.backbone import ResNetBackbone
 from eyecool.modeling.balanced_pyramid import BalancedPyramid
 from eyecool.modeling.fpn import FPN
-from eyecool.modeling.panoptic_head import PanopticHead, paste_mask_logits
+from eyecool.modeling.boxes import paste_mask_logits
+from eyecool.modeling.panoptic_head import PanopticHead
 from eyecool.modeling.roi_heads import ROIHeads
 from eyecool.modeling.rpn import RPN
 from eyecool.modeling.semantic_head import SemanticHead, semantic_loss

@@ -337,11 +337,6 @@ def _override_to_nested(override: str) -> Dict[str, Any]:
     return nested
 
 
-def config_from_dict(data: Dict[str, Any], base: Optional[Config] = None) -> Config:
-    """``base`` (default: the COCO defaults) with the nested mapping ``data`` applied."""
-    return _merge(base or Config(), data or {}).validate()
-
-
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
     """The defaults, then the YAML file ``path`` (if any: a file, or the name of a shipped configuration, see
     :func:`config_file`), then each ``key.sub=value`` override in order."""

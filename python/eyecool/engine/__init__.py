@@ -7,9 +7,9 @@ from .checkpoint import (Checkpointer, capture_rng_state, checkpoint_name, last_
 from .distributed import DistributedContext, init_distributed
 from .hooks import HookBase, PeriodicCheckpointer, PeriodicEvaluator, StopOnSigterm, TrainingInterrupted
 from .events import MetricsWriter, ProgressBar, read_metrics, setup_logging
-from .sampling import ResumableTrainingSampler, SeededDataset, ShardSampler, build_training_stream
+from .sampling import ResumableTrainingSampler, SeededDataset, ShardSampler, build_training_stream, move_to_device
 from .schedule import WarmupMultiStepLR, build_optimizer, linear_scaled_lr
-from .trainer import Trainer, move_to_device
+from .trainer import Trainer
 
 __all__ = [
     "Checkpointer", "HookBase", "PeriodicCheckpointer", "PeriodicEvaluator", "StopOnSigterm", "TrainingInterrupted",

@@ -55,22 +55,8 @@ def init_distributed(device: str = "cpu") -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, torch_device)
 
 
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    """Wait until every process gets here (e.g. rank 0 finished writing a file the others read)."""
-    if get_world_size() > 1:
-        dist.barrier()
 
 
 def all_gather_object(obj: Any) -> List[Any]:

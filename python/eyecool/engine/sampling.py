@@ -93,6 +93,17 @@ def build_training_stream(dataset: Dataset, batch_size: int, collate_fn: Callabl
     return iter(loader)
 
 
+def move_to_device(value: Any, device: torch.device) -> Any:
+    """Tensors (also inside dicts, lists and tuples) moved to ``device``; everything else as is."""
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: move_to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(move_to_device(v, device) for v in value)
+    return value
+
+
 def close_training_stream(stream: Iterator[Any]) -> None:
     """Stops the loader workers behind a stream from ``build_training_stream`` now (a generator is closed).
 

@@ -22,34 +22,19 @@ from .checkpoint import Checkpointer
 from .distributed import DistributedContext
 from .events import LOGGER_NAME, MetricsWriter
 from .hooks import PeriodicCheckpointer, PeriodicEvaluator, StopOnSigterm
-from .sampling import close_training_stream
+from .sampling import close_training_stream, move_to_device
 
 logger = logging.getLogger(LOGGER_NAME + ".engine")
 
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-def move_to_device(value: Any, device: torch.device) -> Any:
-    """Tensors (also inside dicts, lists and tuples) moved to ``device``; everything else as is."""
-    if torch.is_tensor(value):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: move_to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(move_to_device(v, device) for v in value)
-    return value
-
-
 def loader_failure(error: BaseException, iteration: int, reading: bool) -> Optional[RuntimeError]:
-    """The error to raise instead of ``error`` when it is a DataLoader failure (None when it is not): one that
-    names the iteration whose batch could not be loaded. ``reading``: ``error`` came out of ``next(stream)``.
-
-    A killed loader worker is reported by the DataLoader's SIGCHLD handler, which raises in whatever code runs
-    at that moment (the forward, logging), not only in ``next(stream)``. A worker that dies after queueing a
-    batch, before this process fetched the batch's shared memory from it, shows up in ``next(stream)`` as an
-    EOFError or a connection error (the connection to its fd sharer closes), usually before the SIGCHLD handler
-    has reported the death.
-    """
+    """The error naming the iteration to raise instead of ``error`` when it is a DataLoader failure, else None;
+    ``reading``: it came out of ``next(stream)``. A killed worker is reported by the DataLoader's SIGCHLD handler,
+    which raises in whatever code runs at that moment (the forward, logging). A worker that dies after queueing a
+    batch, before this process fetched the batch's shared memory, shows up in ``next(stream)`` as an EOFError or a
+    connection error (its fd sharer's connection closes), usually before the SIGCHLD handler reports it."""
     prefix = f"loading the batch of iteration {iteration} failed: "
     if isinstance(error, RuntimeError) and (reading or str(error).startswith("DataLoader worker")):
         return RuntimeError(prefix + str(error))
@@ -110,16 +95,13 @@ class Trainer:
         self.checkpointer = Checkpointer(model, optimizer, scheduler, self.scaler, rank=ctx.rank,
                                          world_size=ctx.world_size, out_dir=out_dir, config=config,
                                          extra_state=extra_state)
-        self.hooks = [PeriodicCheckpointer(self.checkpointer, checkpoint_period)]
-        if evaluate_fn is not None:
-            self.hooks.append(PeriodicEvaluator(evaluate_fn, eval_period))
-        self.hooks.append(StopOnSigterm(self.checkpointer))  # last: it stops after the others' work is done
+        # In this order after each iteration: checkpoint, evaluate, then stop (after the others' work is done).
+        self.hooks = [PeriodicCheckpointer(self.checkpointer, checkpoint_period),
+                      *([PeriodicEvaluator(evaluate_fn, eval_period)] if evaluate_fn is not None else []),
+                      StopOnSigterm(self.checkpointer)]
         for hook in self.hooks:
             hook.trainer = self
-        self.iter = 0
-        self.eval_results: Dict[str, float] = {}
-        self.writer: Optional[MetricsWriter] = None
-        self._reading_batch = False
+        self.iter, self.eval_results, self.writer, self._reading_batch = 0, {}, None, False
 
     @property
     def start_iter(self) -> int:

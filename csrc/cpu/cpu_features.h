@@ -31,7 +31,8 @@
 // _AVX2) and call it from the body under `if constexpr (decltype(isa)::value == CpuIsa::kAvx512)`.
 // Template arguments of dispatch_cpu_isa: the widest variant a kernel has (dispatch_cpu_isa<CpuIsa::kAvx2>:
 // an AVX-512 CPU runs the AVX2 variant), and FmaPolicy::kUnfused for a kernel whose sums must round exactly as
-// the scalar code's (no a * b + c contracted into one FMA in the vector variants).
+// the scalar code's (no a * b + c contracted into one FMA in the vector variants; such a kernel has no AVX-512
+// variant, since AVX-512F has FMA instructions of its own that GCC contracts into whatever the target says).
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -57,19 +58,17 @@
 
 // The target attributes of the variants. AVX2 means AVX2 + FMA (every AVX2 CPU has FMA); AVX-512 means
 // F/VL/DQ/BW (Skylake-SP, Ice Lake, Zen 4 and later) at 512-bit vectors (GCC's default tuning would split them
-// into 256-bit halves). The _NO_FMA forms leave FMA out so that the compiler cannot contract a * b + c.
+// into 256-bit halves). EYECOOL_TARGET_AVX2_NO_FMA leaves FMA out so that the compiler cannot contract
+// a * b + c (there is no AVX-512 counterpart: "avx512f" without "fma" still contracts, with the EVEX FMAs).
 #if EYECOOL_X86
 #define EYECOOL_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define EYECOOL_TARGET_AVX2_NO_FMA __attribute__((target("avx2")))
 #define EYECOOL_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")))
-#define EYECOOL_TARGET_AVX512_NO_FMA \
-  __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,prefer-vector-width=512")))
 #else
 #define EYECOOL_TARGET_AVX2
 #define EYECOOL_TARGET_AVX2_NO_FMA
 #define EYECOOL_TARGET_AVX512
-#define EYECOOL_TARGET_AVX512_NO_FMA
 #endif
 
 namespace eyecool {
@@ -131,7 +130,7 @@ inline CpuIsa cpu_isa() {
 
 // Whether the vector variants may contract a * b + c into one fused multiply-add (one rounding instead of
 // two): kFused for kernels compared with a tolerance, kUnfused for those whose results must equal the scalar
-// (or CUDA) arithmetic bit for bit.
+// (or CUDA) arithmetic bit for bit (at most AVX2: see EYECOOL_TARGET_AVX2_NO_FMA).
 enum class FmaPolicy { kFused, kUnfused };
 
 // The type a dispatch body may take: which variant is being compiled, as a compile-time constant.
@@ -159,10 +158,6 @@ EYECOOL_TARGET_AVX512 void run_avx512(const Body& body) {
   call_body<CpuIsa::kAvx512>(body);
 }
 template <typename Body>
-EYECOOL_TARGET_AVX512_NO_FMA void run_avx512_no_fma(const Body& body) {
-  call_body<CpuIsa::kAvx512>(body);
-}
-template <typename Body>
 EYECOOL_TARGET_AVX2 void run_avx2(const Body& body) {
   call_body<CpuIsa::kAvx2>(body);
 }
@@ -185,14 +180,13 @@ EYECOOL_NOINLINE void run_baseline(const Body& body) {
 // narrower, for kWidest. body: a lambda marked EYECOOL_ALWAYS_INLINE taking nothing or a CpuIsaTag (auto).
 template <CpuIsa kWidest = CpuIsa::kAvx512, FmaPolicy kFma = FmaPolicy::kFused, typename Body>
 inline void dispatch_cpu_isa(CpuIsa isa, const Body& body) {
+  static_assert(kFma == FmaPolicy::kFused || kWidest <= CpuIsa::kAvx2,
+                "FmaPolicy::kUnfused needs kWidest <= CpuIsa::kAvx2: AVX-512 code contracts a * b + c whatever the "
+                "target attribute says");
 #if EYECOOL_X86
   if constexpr (kWidest >= CpuIsa::kAvx512) {
     if (isa >= CpuIsa::kAvx512) {
-      if constexpr (kFma == FmaPolicy::kFused) {
-        cpu_isa_detail::run_avx512(body);
-      } else {
-        cpu_isa_detail::run_avx512_no_fma(body);
-      }
+      cpu_isa_detail::run_avx512(body);
       return;
     }
   }

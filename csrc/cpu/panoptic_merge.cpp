@@ -126,7 +126,9 @@ ResizedRow<acc_t, scalar_t> resized_row(const RowState<acc_t, scalar_t>& row, co
 }
 
 // The row loops' variants: baseline and AVX2 (an AVX-512 CPU runs the AVX2 one), FMA left out so that every sum
-// rounds as panoptic_merge.h's (the labels must equal the CUDA kernel's and the reference's).
+// rounds as panoptic_merge.h's (the labels must equal the CUDA kernel's and the reference's). An AVX-512 build
+// cannot leave FMA out (benchmarks/results/cpu_isa_dispatch.md: it was 16% faster on full-size logits, 55% slower
+// on resized ones, and contracted the taps' sums).
 constexpr CpuIsa kMergeIsa = CpuIsa::kAvx2;
 constexpr FmaPolicy kMergeFma = FmaPolicy::kUnfused;
 

@@ -1,7 +1,10 @@
 """Plain PyTorch implementations of every eyecool op, with the same signatures as ``eyecool_ext.ops``.
 
-They are the oracle the kernels are tested against and the fallback when the compiled extension is missing.
-They favour clarity over speed and memory.
+They are the oracle the kernels are tested against, the fallback when the compiled extension is missing, and
+the ops of the network's ``model.ops=torchvision`` backend where torchvision has none (RFF, the UPSNet merge).
+They favour clarity over speed and memory. A leaf: they import only ``eyecool_ext._utils`` (the argument checks
+they share with the op wrappers) and ``eyecool_ext._autocast``; the network's default path reaches them only
+through the op wrappers' fallback.
 """
 from eyecool_ext.reference.deform_conv2d import deform_conv2d
 from eyecool_ext.reference.fg_fusion import fg_fusion

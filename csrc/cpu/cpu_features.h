@@ -9,7 +9,7 @@
 // once, at the first cpu_isa() call. Unset or empty: no cap. A cap above what the CPU supports gives what the CPU
 // supports (it is a cap, not a demand: cpu_isa() tells what runs). Any other value is an error, raised by the
 // first cpu_isa() call (so by every kernel that dispatches, and by eyecool_ext.cpu_isa()), naming the accepted
-// values: a misspelt cap that were ignored would let a test run the widest variant while claiming another.
+// values: a misspelt cap, if ignored, would let a test run the widest variant while it claims another.
 // Not target_clones: its resolver picks the widest clone the CPU has and cannot be capped.
 //
 // Usage (the body must be always-inline, or the compiler may call one baseline copy from every wrapper):
@@ -204,10 +204,5 @@ inline void dispatch_cpu_isa(CpuIsa isa, const Body& body) {
   (void)isa;
   cpu_isa_detail::run_baseline(body);
 }
-
-// At least AVX2 / AVX-512 under the cap: for code that needs one ISA rather than a variant of each (the
-// AVX-512 GEMM of deform_conv2d).
-inline bool cpu_has_avx2() { return cpu_isa() >= CpuIsa::kAvx2; }
-inline bool cpu_has_avx512() { return cpu_isa() >= CpuIsa::kAvx512; }
 
 }  // namespace eyecool

@@ -41,10 +41,14 @@
 #include <cstring>
 #include <type_traits>
 
+// 1: the x86 variants and intrinsics are compiled. -DEYECOOL_X86=0 compiles the portable code only, as a non-x86
+// build does, so that it can be checked on an x86 machine.
+#ifndef EYECOOL_X86
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define EYECOOL_X86 1
 #else
 #define EYECOOL_X86 0
+#endif
 #endif
 
 #if defined(__GNUC__)

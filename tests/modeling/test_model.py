@@ -99,15 +99,18 @@ def test_a_few_iterations_lower_the_loss(batch):
     images, sizes, targets = batch
     torch.manual_seed(0)
     model = _model().train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+    # lr 0.01 and means over four steps: at lr 0.02 the 12-step losses swing by +-30% from step to step (ROI and
+    # panoptic sampling), so a 3-step mean passed or failed with the last bit of a GEMM's rounding; this schedule
+    # ends near half the starting loss with either op set.
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     totals = []
-    for _ in range(12):
+    for _ in range(16):
         loss = sum(model(images, sizes, targets).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         totals.append(loss.item())
-    assert sum(totals[-3:]) / 3 < 0.8 * sum(totals[:3]) / 3, totals
+    assert sum(totals[-4:]) / 4 < 0.8 * sum(totals[:4]) / 4, totals
 
 
 def test_bfloat16_autocast_on_cpu(batch):

@@ -52,8 +52,8 @@ constexpr int64_t kLineElements = 64 / static_cast<int64_t>(sizeof(scalar_t));
 // body(x) for every pixel x of a band row, vectorised, calling prefetch(x0) once per cache line of scalar_t
 // pixels starting at x0, kChunkLines lines at a time (the tail shorter than a chunk gets no prefetch).
 template <typename scalar_t, typename Prefetch, typename Body>
-__attribute__((always_inline)) inline void for_each_pixel_prefetching(int64_t pixels, Prefetch prefetch,
-                                                                      Body body) {
+EYECOOL_ALWAYS_INLINE inline void for_each_pixel_prefetching(int64_t pixels, Prefetch prefetch,
+                                                             Body body) {
   constexpr int64_t line = kLineElements<scalar_t>;
   constexpr int64_t chunk = line * kChunkLines;
   const int64_t full_chunks = pixels - pixels % chunk;
@@ -71,28 +71,28 @@ __attribute__((always_inline)) inline void for_each_pixel_prefetching(int64_t pi
 // first_thing: the group's first thing channel, relative to c (a constant for the all-stuff and all-thing groups,
 // so that the compiler drops the selects there).
 template <int G, typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void fold_band_group(const scalar_t* group, const scalar_t* ahead,
-                                                           int64_t plane, int first_thing, int64_t pixels,
-                                                           acc_t* max, acc_t* total, acc_t* things) {
-  auto fold = [&](int64_t x) __attribute__((always_inline)) {
+EYECOOL_ALWAYS_INLINE inline void fold_band_group(const scalar_t* group, const scalar_t* ahead,
+                                                  int64_t plane, int first_thing, int64_t pixels,
+                                                  acc_t* max, acc_t* total, acc_t* things) {
+  auto fold = [&](int64_t x) EYECOOL_ALWAYS_INLINE {
     ThingSoftmaxSum<acc_t> s{max[x], total[x], things[x]};
     thing_softmax_fold<G, acc_t>(
-        s, [&](int k) __attribute__((always_inline)) { return static_cast<acc_t>(group[k * plane + x]); },
+        s, [&](int k) EYECOOL_ALWAYS_INLINE { return static_cast<acc_t>(group[k * plane + x]); },
         first_thing);
     max[x] = s.max;
     total[x] = s.total;
     things[x] = s.things;
   };
-  auto prefetch = [&](int64_t x0) __attribute__((always_inline)) {
+  auto prefetch = [&](int64_t x0) EYECOOL_ALWAYS_INLINE {
     for (int64_t k = 0; k < G; ++k) __builtin_prefetch(ahead + k * plane + x0);
   };
   for_each_pixel_prefetching<scalar_t>(pixels, prefetch, fold);
 }
 
 template <int G, typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void fold_band_group(const scalar_t* base, int64_t plane, int64_t channels,
-                                                           int64_t num_stuff, int64_t c, int64_t pixels, acc_t* max,
-                                                           acc_t* total, acc_t* things) {
+EYECOOL_ALWAYS_INLINE inline void fold_band_group(const scalar_t* base, int64_t plane, int64_t channels,
+                                                  int64_t num_stuff, int64_t c, int64_t pixels, acc_t* max,
+                                                  acc_t* total, acc_t* things) {
   const scalar_t* group = base + c * plane;
   const scalar_t* ahead = base + std::min(c + G, channels - G) * plane;  // the next group's rows (or this one's)
   if (c >= num_stuff) {
@@ -111,9 +111,9 @@ __attribute__((always_inline)) inline void fold_band_group(const scalar_t* base,
 constexpr int kGroupChannels = 8;
 
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void band_statistics_body(const scalar_t* base, int64_t plane,
-                                                                int64_t channels, int64_t num_stuff, int64_t pixels,
-                                                                acc_t* max, acc_t* total, acc_t* fg) {
+EYECOOL_ALWAYS_INLINE inline void band_statistics_body(const scalar_t* base, int64_t plane,
+                                                       int64_t channels, int64_t num_stuff, int64_t pixels,
+                                                       acc_t* max, acc_t* total, acc_t* fg) {
   const ThingSoftmaxSum<acc_t> empty = thing_softmax_empty<acc_t>();
   std::fill(max, max + pixels, empty.max);
   std::fill(total, total + pixels, empty.total);
@@ -137,7 +137,7 @@ __attribute__((always_inline)) inline void band_statistics_body(const scalar_t* 
 
 // Copies `bytes` (a multiple of 64) from the 64-byte aligned `from` to the 16-byte aligned `to` with
 // non-temporal stores (SSE2, which every x86-64 CPU has; plain copies elsewhere).
-__attribute__((always_inline)) inline void stream_copy(void* to, const void* from, size_t bytes) {
+EYECOOL_ALWAYS_INLINE inline void stream_copy(void* to, const void* from, size_t bytes) {
 #if EYECOOL_X86
   const __m128i* src = static_cast<const __m128i*>(from);
   __m128i* dst = static_cast<__m128i*>(to);
@@ -153,11 +153,11 @@ __attribute__((always_inline)) inline void stream_copy(void* to, const void* fro
 // L1 buffer, then streamed, so that its lines are not first read from memory (write-allocate). The backward of a
 // cold 17 MB input: 1.35 -> 1.14 ms; with a consumer that then reads the gradient, 2.16 -> 2.06 ms.
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void band_gradient_body(const scalar_t* base, scalar_t* grad_base,
-                                                              int64_t plane, int64_t channels, int64_t num_stuff,
-                                                              int64_t pixels, const acc_t* max,
-                                                              const acc_t* thing_coefficient,
-                                                              const acc_t* stuff_coefficient) {
+EYECOOL_ALWAYS_INLINE inline void band_gradient_body(const scalar_t* base, scalar_t* grad_base,
+                                                     int64_t plane, int64_t channels, int64_t num_stuff,
+                                                     int64_t pixels, const acc_t* max,
+                                                     const acc_t* thing_coefficient,
+                                                     const acc_t* stuff_coefficient) {
   constexpr int64_t line = kLineElements<scalar_t>, chunk = line * kChunkLines;
   alignas(64) scalar_t staged[chunk];
   for (int64_t c = 0; c < channels; ++c) {
@@ -165,10 +165,10 @@ __attribute__((always_inline)) inline void band_gradient_body(const scalar_t* ba
     const scalar_t* src = base + c * plane;
     const scalar_t* ahead = base + std::min(c + kPrefetchChannels, channels - 1) * plane;
     scalar_t* dst = grad_base + c * plane;
-    auto gradient = [&](int64_t x) __attribute__((always_inline)) {
+    auto gradient = [&](int64_t x) EYECOOL_ALWAYS_INLINE {
       return static_cast<scalar_t>(thing_softmax_grad<acc_t>(static_cast<acc_t>(src[x]), max[x], coefficient[x]));
     };
-    auto prefetch = [&](int64_t x0) __attribute__((always_inline)) { __builtin_prefetch(ahead + x0); };
+    auto prefetch = [&](int64_t x0) EYECOOL_ALWAYS_INLINE { __builtin_prefetch(ahead + x0); };
     int64_t x0 = 0;
     if (EYECOOL_X86 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
       for (; x0 + chunk <= pixels; x0 += chunk) {
@@ -179,8 +179,8 @@ __attribute__((always_inline)) inline void band_gradient_body(const scalar_t* ba
       }
     }
     for_each_pixel_prefetching<scalar_t>(
-        pixels - x0, [&](int64_t x) __attribute__((always_inline)) { prefetch(x0 + x); },
-        [&](int64_t x) __attribute__((always_inline)) { dst[x0 + x] = gradient(x0 + x); });
+        pixels - x0, [&](int64_t x) EYECOOL_ALWAYS_INLINE { prefetch(x0 + x); },
+        [&](int64_t x) EYECOOL_ALWAYS_INLINE { dst[x0 + x] = gradient(x0 + x); });
   }
 #if EYECOOL_X86
   _mm_sfence();  // the streamed stores are weakly ordered: visible before the band is reported done
@@ -190,9 +190,9 @@ __attribute__((always_inline)) inline void band_gradient_body(const scalar_t* ba
 // One anchor row of a level: out = gate(r) * fg_cell. prob_mode is hoisted out of the loop, which vectorises
 // (the sigmoid's exp is the header's polynomial).
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void level_row_forward_body(const scalar_t* r, scalar_t* out,
-                                                                  const acc_t* fg_cells, int64_t width,
-                                                                  bool prob_mode) {
+EYECOOL_ALWAYS_INLINE inline void level_row_forward_body(const scalar_t* r, scalar_t* out,
+                                                         const acc_t* fg_cells, int64_t width,
+                                                         bool prob_mode) {
   if (prob_mode) {
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
@@ -208,9 +208,9 @@ __attribute__((always_inline)) inline void level_row_forward_body(const scalar_t
 
 // One anchor row of a level's backward: grad_r = grad_out * fg_cell * gate'(r), and cell_grad += grad_out * gate(r).
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void level_row_backward_body(const scalar_t* r, const scalar_t* grad_out,
-                                                                   scalar_t* grad_r, const acc_t* fg_cells,
-                                                                   acc_t* cell_grad, int64_t width, bool prob_mode) {
+EYECOOL_ALWAYS_INLINE inline void level_row_backward_body(const scalar_t* r, const scalar_t* grad_out,
+                                                          scalar_t* grad_r, const acc_t* fg_cells,
+                                                          acc_t* cell_grad, int64_t width, bool prob_mode) {
   if (prob_mode) {
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {

@@ -67,9 +67,9 @@ struct RowState {
 // (so the first offer sets, and a later one wins only when strictly larger, as stack_argmax_offer decides), and
 // the max over the thing channels. sem_row(c, px) is the logit of channel c at pixel px.
 template <typename acc_t, typename SemRow>
-__attribute__((always_inline)) inline void semantic_row_body(const SemRow& sem_row, int64_t channels,
-                                                             int64_t num_stuff, int64_t width, acc_t* best_value,
-                                                             int32_t* best_label, acc_t* thing_max) {
+EYECOOL_ALWAYS_INLINE inline void semantic_row_body(const SemRow& sem_row, int64_t channels,
+                                                    int64_t num_stuff, int64_t width, acc_t* best_value,
+                                                    int32_t* best_label, acc_t* thing_max) {
   for (int64_t px = 0; px < width; ++px) best_label[px] = -1;
   if (num_stuff > 0) {
     for (int64_t px = 0; px < width; ++px) {
@@ -144,9 +144,9 @@ void semantic_row(CpuIsa isa, const SemRow& sem_row, int64_t channels, int64_t n
 // S + i is larger than every label offered before it, so 0 wins only when strictly larger (or first). Written
 // without short-circuits so that it vectorises.
 template <typename acc_t>
-__attribute__((always_inline)) inline void offer_zero_span_body(int64_t first, int64_t stop, bool first_instance,
-                                                                int32_t label, acc_t* best_value, int32_t* best_label,
-                                                                acc_t* max_y) {
+EYECOOL_ALWAYS_INLINE inline void offer_zero_span_body(int64_t first, int64_t stop, bool first_instance,
+                                                       int32_t label, acc_t* best_value, int32_t* best_label,
+                                                       acc_t* max_y) {
   if (first_instance) {
     for (int64_t px = first; px < stop; ++px) max_y[px] = acc_t(0);
   } else {
@@ -175,11 +175,11 @@ void offer_zero_span(CpuIsa isa, int64_t first, int64_t stop, bool first_instanc
 // adds +0 instead of being skipped, which leaves the sum unchanged (the sum starts at +0 and so is never -0), and
 // the mask row of the taps is fixed for the whole span.
 template <typename acc_t, typename scalar_t>
-__attribute__((always_inline)) inline void instance_span_body(int64_t first, int64_t stop, bool first_instance,
-                                                              int32_t label, const acc_t* y, acc_t x1, acc_t x2,
-                                                              acc_t iy, const scalar_t* mask, int64_t mask_h,
-                                                              int64_t mask_w, acc_t* best_value, int32_t* best_label,
-                                                              acc_t* max_y) {
+EYECOOL_ALWAYS_INLINE inline void instance_span_body(int64_t first, int64_t stop, bool first_instance,
+                                                     int32_t label, const acc_t* y, acc_t x1, acc_t x2,
+                                                     acc_t iy, const scalar_t* mask, int64_t mask_h,
+                                                     int64_t mask_w, acc_t* best_value, int32_t* best_label,
+                                                     acc_t* max_y) {
   iy = finite_mask_coord(iy, mask_h);
   const acc_t fy = std::floor(iy);
   const int64_t y0 = static_cast<int64_t>(fy), y1 = y0 + 1;
@@ -200,8 +200,10 @@ __attribute__((always_inline)) inline void instance_span_body(int64_t first, int
     const acc_t east = ix - fx, west = acc_t(1) - east;
     const bool in_x0 = (x0 >= 0) & (x0 < width), in_x1 = (x1i >= 0) & (x1i < width);
     const int32_t c0 = x0 < 0 ? 0 : (x0 > last ? last : x0), c1 = x1i < 0 ? 0 : (x1i > last ? last : x1i);
-    const acc_t t00 = static_cast<acc_t>(row0[c0]) * (north * west), t01 = static_cast<acc_t>(row0[c1]) * (north * east);
-    const acc_t t10 = static_cast<acc_t>(row1[c0]) * (south * west), t11 = static_cast<acc_t>(row1[c1]) * (south * east);
+    const acc_t t00 = static_cast<acc_t>(row0[c0]) * (north * west);
+    const acc_t t01 = static_cast<acc_t>(row0[c1]) * (north * east);
+    const acc_t t10 = static_cast<acc_t>(row1[c0]) * (south * west);
+    const acc_t t11 = static_cast<acc_t>(row1[c1]) * (south * east);
     acc_t m = acc_t(0);
     m += (in_y0 & in_x0) ? t00 : acc_t(0);
     m += (in_y0 & in_x1) ? t01 : acc_t(0);

@@ -1,7 +1,7 @@
 """roi_align and multilevel_roi_align against torchvision at Mask R-CNN's shapes.
 
 COCO-sized: box head, 512 ROIs on the stride-4 map of two 512x512 images (256 channels), 7x7 bins; mask head:
-14x14; the FPN pooler over P2..P5 of those images. Demo-sized (``configs/demo.yaml``: four 128-pixel images,
+14x14; the FPN pooler over P2..P5 of those images. Demo-sized (the ``demo`` config: four 128-pixel images,
 64 channels, 128 ROIs per image): box head 512 ROIs 7x7, mask head 128 ROIs (its positives) 14x14, on the
 32x32 stride-4 map, and the pooler over P2..P5 (32..4). Aligned, adaptive sampling (detectron2's pooler
 settings), forward and forward+backward.

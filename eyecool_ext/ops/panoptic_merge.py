@@ -2,7 +2,7 @@
 Panoptic FPN heuristic merge for comparison.
 
 ``upsnet_panoptic_merge`` computes, per pixel, the argmax of UPSNet's logit stack (stuff logits, one logit per
-instance, the unknown logit; DESIGN.md section 6) without materialising the stack or the pasted masks; with
+instance, the unknown logit; docs/design.md section 6) without materialising the stack or the pasted masks; with
 ``output_size`` it also upsamples 1/4-scale semantic logits on the fly, so the full-resolution logits never
 exist. The op is ``torch.ops.eyecool.upsnet_panoptic_merge`` (no gradient: inference only).
 """

@@ -4,7 +4,7 @@ reads the ``data``, ``solver``, ``eval`` and ``output`` sections and wires the d
 ``eyecool.engine.cli`` are thin wrappers over these functions.
 
     import eyecool
-    cfg = eyecool.load_config("configs/demo.yaml", ["solver.max_iter=500"])
+    cfg = eyecool.load_config("demo", ["solver.max_iter=500"])
     eyecool.train(cfg, "out/demo")                       # under torchrun too
     metrics = eyecool.evaluate(cfg, "out/demo/model_final.pth", out_dir="out/demo_eval")
     results = eyecool.predict(cfg, "out/demo/model_final.pth", ["a.jpg", "b.jpg"])

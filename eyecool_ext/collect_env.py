@@ -1,7 +1,8 @@
 """Environment report for bug reports: ``python -m eyecool_ext.collect_env``.
 
 Prints torch and CUDA versions, the CUDA toolkit found, the compiler, how the extension was built (CUDA or not,
-GPU architectures), the CPU and the ISA variant its kernels run (EYECOOL_CPU_ISA), the GPU present, and why the extension could not be loaded if it could not.
+GPU architectures), the CPU and the ISA variant its kernels run (EYECOOL_CPU_ISA), the GPU present, and why the
+extension could not be loaded if it could not.
 """
 from __future__ import annotations
 

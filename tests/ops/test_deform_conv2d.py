@@ -51,6 +51,10 @@ CONFIGS = {
     "batch1": dict(batch=1),
     "batch3_v1": dict(batch=3, masked=False),
     "wide_channels": dict(in_channels=150, out_channels=5, offset_groups=2, size=(5, 6)),
+    # The CPU GEMM (csrc/cpu/gemm.cpp) in float32: 20 output channels per group (partial 32- and 16-wide
+    # panels), backward blocks of 20 channels (180 GEMM columns), 17x19 = 323 pixels (two column tiles, the
+    # second partial, and partial 12- and 6-row tiles).
+    "gemm_partial_tiles": dict(batch=2, in_channels=40, out_channels=40, groups=2, size=(17, 19)),
 }
 
 
@@ -78,19 +82,24 @@ def test_forward_matches_torchvision_and_reference(device, dtype, name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_backward_matches_torchvision(device, name):
+def test_backward_matches_torchvision(device, dtype, name):
+    """float64 runs at::mm on the CPU, float32 the CPU's own GEMM (when the CPU has AVX2); torchvision computes
+    in float64 in both cases, so the float32 gradients meet the float32 tolerance against exact values."""
     cfg = CONFIGS[name]
     tensors = [t for t in make_inputs(device=device, **cfg)]
-    ours = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    ours = [t.to(dtype, copy=True).requires_grad_() if t is not None else None for t in tensors]
     theirs = [t.clone().requires_grad_() if t is not None else None for t in tensors]
     out = our_call(ops.deform_conv2d, *ours, cfg)
-    grad = torch.randn_like(out)
-    out.backward(grad)
+    grad = torch.randn_like(out, dtype=torch.float64)
+    out.backward(grad.to(dtype))
     torchvision_call(*theirs, cfg).backward(grad)
+    # float32 sums over up to ~1400 products (wide_channels): the float32 tolerance, scaled for that depth.
+    loose = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else {}
     for label, a, b in zip(["input", "offset", "weight", "bias", "mask"], ours, theirs):
         if a is not None:
-            assert_close(a.grad, b.grad, msg=lambda m, label=label: f"grad of {label}: {m}")
+            assert_close(a.grad, b.grad.to(dtype), msg=lambda m, label=label: f"grad of {label}: {m}", **loose)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -117,6 +126,22 @@ def test_gradcheck(device, masked, seed):
 
     # One seed in full mode (every Jacobian entry), the other in fast mode (random projections) to stay quick.
     assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=seed > 0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck_float32_gemm_path(masked):
+    """gradcheck of the float32 path (the CPU's own GEMM in the forward and both backward GEMMs) with respect to
+    the inputs the op is linear in (input, weight, bias, mask: central differences are exact there up to
+    float32 rounding); the offsets, where a float32 step could cross a cell edge, are held fixed (their float32
+    gradient is compared with torchvision's above). 20 output channels and 7x9 pixels: partial tiles."""
+    x, offset, weight, bias, mask = make_inputs(batch=1, in_channels=6, out_channels=20, size=(7, 9), groups=2,
+                                                masked=masked, dtype=torch.float32, seed=4)
+    inputs = [t.requires_grad_() for t in (x, weight, bias) + ((mask,) if masked else ())]
+
+    def fn(x, weight, bias, mask=None):
+        return ops.deform_conv2d(x, offset, weight, bias, (1, 1), (1, 1), (1, 1), mask)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-2, atol=2e-3, rtol=2e-3, fast_mode=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -217,6 +242,22 @@ def test_half_precision_runs_in_float(dtype):
     expected = ops.deform_conv2d(*(t.to(dtype).float() for t in (x, offset, weight, bias)), 1, 1, 1,
                                  mask.to(dtype).float())
     assert_close(out.float(), expected, dtype=dtype, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_backward_runs_in_float(dtype):
+    """The backward of half and bfloat16 runs the float32 kernels (the CPU GEMM included) on the upcast inputs:
+    the gradients match the float32 gradients of the rounded inputs to the half-precision tolerance."""
+    rounded = [t.to(dtype) for t in make_inputs(in_channels=6, out_channels=20, groups=2, dtype=torch.float32)]
+    half = [t.clone().requires_grad_() for t in rounded]
+    single = [t.float().requires_grad_() for t in rounded]
+    out = ops.deform_conv2d(half[0], half[1], half[2], half[3], 1, 1, 1, half[4])
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out.backward(grad)
+    ops.deform_conv2d(single[0], single[1], single[2], single[3], 1, 1, 1, single[4]).backward(grad.float())
+    for a, b in zip(half, single):
+        assert a.grad.dtype == dtype
+        assert_close(a.grad.float(), b.grad, dtype=dtype, atol=0.05, rtol=0.02)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -11,8 +11,10 @@
 //             and the block partition does not depend on the thread count, so the result is deterministic and
 //             the same for any number of threads.
 //
-// The sampling arithmetic (position, taps, value, coordinate gradient) comes from deform_conv2d.h, shared with
-// the CUDA kernels. Half and bfloat16 run in float.
+// The float GEMMs (the forward's and both of the backward's) run gemm.h's own kernels on AVX2 + FMA and AVX-512
+// CPUs (cpu_isa(), capped by EYECOOL_CPU_ISA), at::mm on the baseline ISA and in double. The sampling arithmetic
+// (position, taps, value, coordinate gradient) comes from deform_conv2d.h, shared with the CUDA kernels. Half
+// and bfloat16 run in float.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -337,12 +339,13 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
     // (grad_w += grad_tile @ cols: its columns r, depth the pixels) and the grad tile transposed to pixel rows.
     CpuIsa isa = CpuIsa::kBaseline;
     GemmPanels weight_panels, cols_panels;
-    std::vector<float> grad_tile_t;
+    std::vector<float> grad_tile_t, grad_tile_rows;
     if constexpr (std::is_same_v<scalar_t, float>) {
       isa = v.isa;
       if (isa != CpuIsa::kBaseline) {
         gemm_pack_panels(isa, w_block.data_ptr<float>(), row, out_per_group, 1, row, weight_panels);
         grad_tile_t.resize(static_cast<size_t>(tile * out_per_group));
+        grad_tile_rows.resize(static_cast<size_t>((tile + 16) * out_per_group));
       }
     }
     for (int64_t n = 0; n < s.batch; ++n) {
@@ -364,10 +367,17 @@ void backward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v
           if (isa != CpuIsa::kBaseline) {
             own_gemm = true;
             const float* grad_rows = grad_n.data_ptr<float>() + p0;  // [C_out_g] rows of `plane` pixels
-            // grad_w[m, r] += sum_p grad[m, p0 + p] cols[p, r]
+            // grad_w[m, r] += sum_p grad[m, p0 + p] cols[p, r], from the grad tile copied to rows of count + 16:
+            // read in place, its rows lie a whole plane apart (a power of two here), so a tile's 12 rows would
+            // share one L1 set.
+            const int64_t grad_tile_stride = count + 16;
+            for (int64_t m = 0; m < out_per_group; ++m) {
+              std::copy(grad_rows + m * plane, grad_rows + m * plane + count,
+                        grad_tile_rows.data() + m * grad_tile_stride);
+            }
             gemm_pack_panels(isa, cols_data, row, count, 1, row, cols_panels);
-            gemm_rows_x_panels(grad_rows, out_per_group, plane, cols_panels, grad_w_block.data_ptr<float>(), row, 1,
-                               true);
+            gemm_rows_x_panels(grad_tile_rows.data(), out_per_group, grad_tile_stride, cols_panels,
+                               grad_w_block.data_ptr<float>(), row, 1, true);
             // grad_cols[p, r] = sum_m grad[m, p0 + p] W[m, r], from the grad tile transposed to [count, C_out_g]
             for (int64_t m = 0; m < out_per_group; ++m) {
               const float* src = grad_rows + m * plane;

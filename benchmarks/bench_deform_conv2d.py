@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import markdown_table, measure, measure_paired, row  # noqa: E402
 
 from eyecool_ext import ops  # noqa: E402
+from eyecool_ext.collect_env import cpu_model  # noqa: E402  (the one CPU-name lookup; run.py uses it too)
 
 # The environment of `--isa avx2`: each library's own AVX2 cap.
 AVX2_CAPS = {"EYECOOL_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -63,19 +64,6 @@ def _forward_backward(fn, inputs, grad):
                 t.grad = None
         fn(*inputs).backward(grad)
     return run
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def cpu_isa_path() -> str:

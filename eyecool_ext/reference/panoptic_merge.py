@@ -125,22 +125,29 @@ def heuristic_panoptic_merge(sem_seg: Tensor, num_stuff: int, masks: Tensor, sco
     void = num_stuff + m
     out = torch.full_like(sem_seg, void, dtype=torch.int64)
     taken = torch.zeros_like(sem_seg, dtype=torch.bool)
+    if out.numel() == 0:  # an empty image: nothing to paste (and no row to reduce over below)
+        return out
     for i in torch.argsort(scores, descending=True, stable=True).tolist():
         if not float(scores[i]) >= score_threshold:  # also a NaN score, which argsort puts first
             continue
         mask = masks[i].bool()
-        area = int(mask.sum())
-        if area == 0:
+        # Work on the rows the mask occupies (a contiguous slab; instances are small against the image), with
+        # count_nonzero and masked_fill_ rather than .sum() and out[mask] = v: a bool sum widens to int64 and
+        # boolean indexing gathers the indices first (4x and 2x slower on a COCO-sized image).
+        rows = torch.nonzero(mask.view(torch.uint8).amax(1)).flatten()
+        if rows.numel() == 0:  # an empty mask
             continue
-        overlap = int((mask & taken).sum())
+        y0, y1 = int(rows[0]), int(rows[-1]) + 1
+        mask, taken_rows = mask[y0:y1], taken[y0:y1]
+        area = int(torch.count_nonzero(mask))
+        overlap = int(torch.count_nonzero(mask & taken_rows))
         if overlap / area > overlap_threshold:
             continue
-        mask = mask & ~taken
-        out[mask] = num_stuff + i
-        taken |= mask
+        mask = mask & ~taken_rows
+        out[y0:y1].masked_fill_(mask, num_stuff + i)
+        taken_rows |= mask
     free_stuff = (~taken) & (sem_seg < num_stuff) & (sem_seg >= 0)
     areas = torch.bincount(sem_seg[free_stuff], minlength=num_stuff)
     kept = areas >= stuff_area_limit
-    paste = free_stuff & kept[sem_seg.clamp(0, num_stuff - 1)] if num_stuff else free_stuff
-    out[paste] = sem_seg[paste]
-    return out
+    paste = free_stuff & kept.take(sem_seg.clamp(0, num_stuff - 1)) if num_stuff else free_stuff
+    return torch.where(paste, sem_seg, out)

@@ -9,6 +9,8 @@ with a message; nothing crashes.
 The budget is small by default (CI); EYECOOL_FUZZ_EXAMPLES=2000 runs a long campaign on demand.
 """
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,10 @@ from hypothesis import strategies as st
 
 from eyecool_ext import ops, reference
 from fuzz_tools import fuzz, ran
+
+# panopticapi's combine loop, line for line on decoded masks (numpy): the independent reference of the heuristic merge.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+from bench_heuristic_merge import panopticapi_combine  # noqa: E402
 
 coordinate = st.floats(min_value=-20, max_value=40, allow_nan=False, width=32)
 extreme_coordinate = st.one_of(coordinate, st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e30,
@@ -138,9 +144,9 @@ def test_upsnet_merge_out_of_range_classes_raise(bad_class, num_stuff):
        st.sampled_from([0, 1, 5, 4096]), st.floats(0, 1), st.floats(0, 1), st.booleans(), st.integers(0, 2**16))
 def test_heuristic_merge_invariants(num_stuff, num_things, m, h, w, area_limit, overlap, score_threshold, nan_score,
                                     seed):
-    """Instances take only their own pixels, in score order, and never more than one instance per pixel; stuff
-    goes only where the semantic prediction says that stuff class, in regions of at least the area limit; NaN
-    scores never crash."""
+    """Equal to panopticapi's loop; and: instances take only their own pixels, in score order, and never more
+    than one instance per pixel; stuff goes only where the semantic prediction says that stuff class, in regions
+    of at least the area limit; NaN scores never crash."""
     ran("heuristic_panoptic_merge")
     g = torch.Generator().manual_seed(seed)
     sem_seg = torch.randint(0, num_stuff + num_things, (h, w), generator=g)
@@ -150,6 +156,9 @@ def test_heuristic_merge_invariants(num_stuff, num_things, m, h, w, area_limit, 
         scores[0] = float("nan")
     out = ops.heuristic_panoptic_merge(sem_seg, num_stuff, masks, scores, overlap, area_limit, score_threshold)
     assert out.shape == (h, w) and out.dtype == torch.int64
+    expected = panopticapi_combine(sem_seg.numpy(), num_stuff, masks.numpy(), scores.numpy(), overlap, area_limit,
+                                   score_threshold)
+    assert (out.numpy() == expected).all()
     if out.numel() == 0:
         return
     assert out.min() >= 0 and out.max() <= num_stuff + m

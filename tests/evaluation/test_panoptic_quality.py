@@ -438,3 +438,34 @@ def test_fallback_routes_give_the_fast_path_numbers(tmp_path, monkeypatch, route
     if route == "PIL":
         monkeypatch.setattr(ops, "read_panoptic_png", lambda path: None)
     assert pq_compute(gt_json, pred_json, gt_dir, pred_dir, verbose=False) == fast
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_plain_segment_table_equals_the_general_one(seed):
+    """segment_table's list path (usual segments_info) builds the same table as its numpy path: ids sorted,
+    categories as indices, crowd flags, areas, the last crowd segment of each category, the packed rows."""
+    from eyecool.evaluation.panoptic_quality import _general_segment_table, _plain_segment_table
+    rng = np.random.default_rng(seed)
+    categories = CategoryTable([{"id": int(i), "isthing": int(i % 2)} for i in rng.permutation(40)[:12] + 1])
+    count = int(rng.integers(0, 15))
+    info = [{"id": int(i), "category_id": int(rng.choice(categories.ids)), "iscrowd": int(rng.random() < 0.4),
+             "area": int(rng.integers(0, 1000))} for i in rng.choice(np.arange(1, 10**6), count, replace=False)]
+    plain = _plain_segment_table(info, categories)
+    general = _general_segment_table(info, categories, 0, "gt", True, None)
+    assert plain is not None
+    for field in ("ids", "category", "iscrowd", "area", "crowd_of_category", "unknown_category_ids"):
+        assert np.array_equal(getattr(plain, field), getattr(general, field)), field
+        assert getattr(plain, field).dtype == getattr(general, field).dtype, field
+    for gt in (True, False):
+        assert torch.equal(plain.packed(gt), general.packed(gt)) and plain.packed(gt).is_contiguous()
+
+
+@pytest.mark.parametrize("unusual", [
+    [{"id": 3, "category_id": 1}, {"id": 3, "category_id": 2}],  # a repeated id
+    [{"id": 3, "category_id": 99}],  # an unknown category
+    [{"id": 0, "category_id": 1}],  # void
+    [{"id": 3.0, "category_id": 1}], [{"id": True, "category_id": 1}], [{"id": 3, "category_id": 1, "area": 2.5}],
+])
+def test_unusual_segments_info_takes_the_general_path(unusual):
+    from eyecool.evaluation.panoptic_quality import _plain_segment_table
+    assert _plain_segment_table(unusual, CategoryTable([{"id": 1, "isthing": 1}, {"id": 2, "isthing": 0}])) is None

@@ -26,6 +26,12 @@ constexpr int kAvx512Width = 32;
 constexpr int kAvx512Rows = 12;
 constexpr int kAvx2Width = 16;
 constexpr int kAvx2Rows = 6;
+// Depth blocks: a row block's kDepthBlock values per row stay in L1 while the kernel runs over every panel (rows
+// read in place lie a whole row apart: without blocking, each of the 12 rows is its own stream from L2 for every
+// panel). AVX-512 at 256: 12 rows x 1 KB + a 32 KB panel slice in a 48 KB L1.
+constexpr int64_t kDepthBlock = 256;
+// Row stride of the partial sums kept between depth blocks: the widest panel.
+constexpr int64_t kStartStride = 32;
 
 int64_t panel_width(CpuIsa isa) {
   switch (isa) {
@@ -70,6 +76,22 @@ void gemm_pack_panels(CpuIsa isa, const float* src, int64_t columns, int64_t dep
   }
 }
 
+void gemm_reserve_panels(CpuIsa isa, int64_t columns, int64_t depth, GemmPanels& out) {
+  const int64_t width = panel_width(isa);
+  const int64_t panels = (columns + width - 1) / width;
+  out.isa = isa;
+  out.columns = columns;
+  out.depth = depth;
+  out.width = width;
+  const size_t size = static_cast<size_t>(panels * depth * width);
+  if (out.data.size() < size) out.data.resize(size);
+  const int64_t used = columns - (panels - 1) * width;  // columns of the last panel
+  if (panels > 0 && used < width) {
+    float* last = out.data.data() + (panels - 1) * depth * width;
+    for (int64_t k = 0; k < depth; ++k) std::fill(last + k * width + used, last + (k + 1) * width, 0.f);
+  }
+}
+
 #if EYECOOL_X86
 namespace {
 
@@ -94,10 +116,19 @@ inline void write_tile_strided(const float (*acc)[Width], int rows, int columns,
 // register scaled by 4 and 8, so that 12 rows need five general registers, not twelve.
 template <int MR>
 EYECOOL_TARGET_AVX512 void tile_avx512(const float* panel, const float* r, int64_t stride, int64_t depth, int columns,
-                                     float* c, int64_t c_row_stride, int64_t c_column_stride, bool accumulate) {
+                                     const float* start, float* c, int64_t c_row_stride, int64_t c_column_stride,
+                                     bool accumulate) {
   __m512 lo[MR], hi[MR];
+  if (start) {  // the chains of the depth blocks before this one (kStartStride floats per row)
 #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      lo[i] = _mm512_loadu_ps(start + i * kStartStride);
+      hi[i] = _mm512_loadu_ps(start + i * kStartStride + 16);
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+  }
   const float* base[4] = {r, r + 3 * stride, r + 6 * stride, r + 9 * stride};
   for (int64_t k = 0; k < depth; ++k) {
     const __m512 p_lo = _mm512_loadu_ps(panel + k * kAvx512Width);
@@ -140,10 +171,19 @@ EYECOOL_TARGET_AVX512 void tile_avx512(const float* panel, const float* r, int64
 
 template <int MR>
 EYECOOL_TARGET_AVX2 void tile_avx2(const float* panel, const float* r, int64_t stride, int64_t depth, int columns,
-                                 float* c, int64_t c_row_stride, int64_t c_column_stride, bool accumulate) {
+                                 const float* start, float* c, int64_t c_row_stride, int64_t c_column_stride,
+                                 bool accumulate) {
   __m256 lo[MR], hi[MR];
+  if (start) {
 #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      lo[i] = _mm256_loadu_ps(start + i * kStartStride);
+      hi[i] = _mm256_loadu_ps(start + i * kStartStride + 8);
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+  }
   const float* base[2] = {r, r + 3 * stride};
   for (int64_t k = 0; k < depth; ++k) {
     const __m256 p_lo = _mm256_loadu_ps(panel + k * kAvx2Width);
@@ -180,7 +220,8 @@ EYECOOL_TARGET_AVX2 void tile_avx2(const float* panel, const float* r, int64_t s
   write_tile_strided<kAvx2Width>(acc, MR, columns, c, c_row_stride, c_column_stride, accumulate);
 }
 
-using TileKernel = void (*)(const float*, const float*, int64_t, int64_t, int, float*, int64_t, int64_t, bool);
+using TileKernel = void (*)(const float*, const float*, int64_t, int64_t, int, const float*, float*, int64_t, int64_t,
+                           bool);
 constexpr TileKernel kAvx512Tiles[kAvx512Rows] = {
     tile_avx512<1>, tile_avx512<2>, tile_avx512<3>, tile_avx512<4>,  tile_avx512<5>,  tile_avx512<6>,
     tile_avx512<7>, tile_avx512<8>, tile_avx512<9>, tile_avx512<10>, tile_avx512<11>, tile_avx512<12>};
@@ -200,14 +241,32 @@ void gemm_rows_x_panels(const float* rows, int64_t row_count, int64_t row_stride
   const TileKernel* kernels = avx512 ? kAvx512Tiles : kAvx2Tiles;
   const int64_t width = panels.width, depth = panels.depth;
   const int64_t panel_count = (panels.columns + width - 1) / width;
-  // Row blocks outside, panels inside: a block's rows stay in L1 while the panels stream from L2.
+  // Row blocks outside, then depth blocks, panels inside: a block's rows (one depth block of them) stay in L1
+  // while the panels' slices stream from L2. Between depth blocks each (row, column)'s chain is kept in `partial`
+  // exactly (a float stored and reloaded), so the result is the one sequential FMA chain over the whole depth
+  // whatever kDepthBlock is.
+  const int64_t depth_blocks = std::max<int64_t>(1, (depth + kDepthBlock - 1) / kDepthBlock);
+  thread_local std::vector<float> partial;
+  if (depth_blocks > 1) partial.resize(static_cast<size_t>(max_rows * panel_count * kStartStride));
   for (int64_t i0 = 0; i0 < row_count; i0 += max_rows) {
     const int count = static_cast<int>(std::min<int64_t>(max_rows, row_count - i0));
-    for (int64_t panel = 0; panel < panel_count; ++panel) {
-      const int64_t j0 = panel * width;
-      const int columns = static_cast<int>(std::min<int64_t>(width, panels.columns - j0));
-      kernels[count - 1](panels.data.data() + panel * depth * width, rows + i0 * row_stride, row_stride, depth, columns,
-                         c + i0 * c_row_stride + j0 * c_column_stride, c_row_stride, c_column_stride, accumulate);
+    const float* row_block = rows + i0 * row_stride;
+    for (int64_t block = 0; block < depth_blocks; ++block) {
+      const int64_t k0 = block * kDepthBlock, k_count = std::min(kDepthBlock, depth - k0);
+      const bool first = block == 0, last = block == depth_blocks - 1;
+      for (int64_t panel = 0; panel < panel_count; ++panel) {
+        const int64_t j0 = panel * width;
+        const int columns = static_cast<int>(std::min<int64_t>(width, panels.columns - j0));
+        float* chains = depth_blocks > 1 ? partial.data() + panel * max_rows * kStartStride : nullptr;
+        const float* panel_block = panels.data.data() + panel * depth * width + k0 * width;
+        if (last) {
+          kernels[count - 1](panel_block, row_block + k0, row_stride, k_count, columns, first ? nullptr : chains,
+                             c + i0 * c_row_stride + j0 * c_column_stride, c_row_stride, c_column_stride, accumulate);
+        } else {
+          kernels[count - 1](panel_block, row_block + k0, row_stride, k_count, static_cast<int>(width),
+                             first ? nullptr : chains, chains, kStartStride, 1, false);
+        }
+      }
     }
   }
 #endif

@@ -43,6 +43,17 @@ struct GemmPanels {
 void gemm_pack_panels(CpuIsa isa, const float* src, int64_t columns, int64_t depth, int64_t column_stride,
                       int64_t depth_stride, GemmPanels& out);
 
+// Sets `out` up to be written in place (P[j, k] at gemm_panel_entry), for a producer that can write the packed
+// layout directly instead of a source to pack: the storage is reused, and the padding columns of a partial last
+// panel are zeroed.
+void gemm_reserve_panels(CpuIsa isa, int64_t columns, int64_t depth, GemmPanels& out);
+
+// Where P[j, k] lives in panels set up by gemm_reserve_panels (or packed); P[j + 1, k] follows it up to the end of
+// j's panel (j % panels.width + run <= panels.width).
+inline float* gemm_panel_entry(GemmPanels& panels, int64_t j, int64_t k) {
+  return panels.data.data() + (j / panels.width) * panels.depth * panels.width + k * panels.width + j % panels.width;
+}
+
 // C[i, j] (+)= sum_k rows[i * row_stride + k] * P[j, k] for i < row_count, j < panels.columns; C[i, j] is
 // c[i * c_row_stride + j * c_column_stride]. Runs the kernel of panels.isa (which must be available).
 void gemm_rows_x_panels(const float* rows, int64_t row_count, int64_t row_stride, const GemmPanels& panels, float* c,

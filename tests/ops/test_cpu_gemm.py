@@ -37,7 +37,9 @@ def tolerance(depth):
     return dict(atol=1e-5 * max(1, depth) ** 0.5 * 4, rtol=1e-5)
 
 
-SIZES = [(1, 1, 1), (7, 17, 33), (17, 33, 7), (33, 65, 17), (12, 32, 100), (13, 31, 1), (25, 97, 64), (6, 16, 5)]
+# The last three cross the kernel's depth blocks (256): exactly one block, one value over, and a partial third.
+SIZES = [(1, 1, 1), (7, 17, 33), (17, 33, 7), (33, 65, 17), (12, 32, 100), (13, 31, 1), (25, 97, 64), (6, 16, 5),
+         (25, 33, 256), (7, 65, 257), (13, 37, 600)]
 
 
 @needs_compiled
@@ -92,8 +94,11 @@ def test_bitwise_independent_of_tiling(isa):
     if isa not in runnable_isas():
         pytest.skip(f"{isa} kernel does not run here")
     g = torch.Generator().manual_seed(5)
-    rows = torch.randn(29, 77, generator=g)
-    columns = torch.randn(41, 77, generator=g)
+    for depth in (77, 600):  # 600: three depth blocks, whose chains pass through memory between blocks
+        _check_tiling_independence(isa, torch.randn(29, depth, generator=g), torch.randn(41, depth, generator=g))
+
+
+def _check_tiling_independence(isa, rows, columns):
     whole = gemm(torch.empty(29, 41), rows, columns, False, isa)
     assert torch.equal(whole, gemm(torch.empty(29, 41), rows, columns, False, isa))
     for i in (0, 11, 12, 28):

@@ -36,7 +36,8 @@ namespace {
 // that over more pixels, while smaller ones keep the freshly sampled columns in cache for the GEMM.
 constexpr int64_t kTileBytes = 1024 * 1024;
 constexpr int64_t kMinTilePixels = 16;
-constexpr int64_t kMaxTilePixels = 256;
+constexpr int64_t kMaxTilePixels = 252;  // 21 x 12
+constexpr int64_t kGemmRowBlock = 12;
 // Channel blocks of the backward: at most 64 channels (kh * kw * 64 GEMM columns), and at least 32 unless the
 // group is narrower, aiming at 4 blocks per layer so that a few threads share the work evenly. The partition
 // depends on the shapes only, never on the thread count.
@@ -195,7 +196,9 @@ inline void write_sample(CpuIsa isa, scalar_t* dest, const scalar_t* image_n, co
 
 // Pixels per tile so that a tile's columns (row_elements values per pixel) take about kTileBytes.
 int64_t cache_tile_pixels(int64_t row_elements, int64_t element_size, int64_t plane) {
-  const int64_t pixels = kTileBytes / std::max<int64_t>(1, row_elements * element_size);
+  int64_t pixels = kTileBytes / std::max<int64_t>(1, row_elements * element_size);
+  // A multiple of the GEMM kernel's 12 rows (AVX2: 6), so that no tile ends in a narrower, slower row block.
+  if (pixels > kGemmRowBlock) pixels -= pixels % kGemmRowBlock;
   return std::min(std::min(std::max(pixels, kMinTilePixels), kMaxTilePixels), plane);
 }
 
@@ -241,13 +244,38 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
     const int64_t p0 = (t - n * tiles_per_image) * tile;
     const int64_t count = std::min(tile, plane - p0);
     const scalar_t* image_n = v.image + n * s.height * s.width * C;
-    // One dispatch per tile (not per sample): the loop is compiled per ISA with the blend inlined.
+    // One dispatch per tile (not per sample): the loop is compiled per ISA with the blend inlined. A pixel's
+    // samples are computed while the pixel before it is blended, and their taps prefetched: the taps lie rows
+    // apart, where the hardware prefetcher cannot guess them.
+    const int64_t per_pixel = taps * s.offset_groups;
+    std::vector<ModulatedTaps<scalar_t>> current(per_pixel), ahead(per_pixel);
     dispatch_cpu_isa(v.isa, [&]() EYECOOL_ALWAYS_INLINE {
+      const auto sample_pixel = [&](int64_t pixel, ModulatedTaps<scalar_t>* out, bool prefetch) EYECOOL_ALWAYS_INLINE {
+        for (int64_t k = 0; k < taps; ++k) {
+          for (int64_t og = 0; og < s.offset_groups; ++og) {
+            ModulatedTaps<scalar_t>& mt = out[k * s.offset_groups + og];
+            mt = sample(s, v, n, og, k, pixel);
+            if (prefetch && mt.taps.any) {
+              const DeformTaps<scalar_t>& t = mt.taps;
+              const scalar_t* row_low = image_n + t.y_low * s.width * C + og * c_per_offset_group;
+              const scalar_t* row_high = image_n + t.y_high * s.width * C + og * c_per_offset_group;
+              for (int64_t c = 0; c < c_per_offset_group; c += 64 / static_cast<int64_t>(sizeof(scalar_t))) {
+                __builtin_prefetch(row_low + t.x_low * C + c);
+                __builtin_prefetch(row_low + t.x_high * C + c);
+                __builtin_prefetch(row_high + t.x_low * C + c);
+                __builtin_prefetch(row_high + t.x_high * C + c);
+              }
+            }
+          }
+        }
+      };
+      sample_pixel(p0, current.data(), false);
       for (int64_t p = 0; p < count; ++p) {
+        if (p + 1 < count) sample_pixel(p0 + p + 1, ahead.data(), true);
         scalar_t* cols_row = cols_data + p * row;
         for (int64_t k = 0; k < taps; ++k) {
           for (int64_t og = 0; og < s.offset_groups; ++og) {
-            const ModulatedTaps<scalar_t> mt = sample(s, v, n, og, k, p0 + p);
+            const ModulatedTaps<scalar_t>& mt = current[k * s.offset_groups + og];
             // The offset group's channels, split where they cross into another weight group.
             int64_t c = og * c_per_offset_group;
             const int64_t c_end = c + c_per_offset_group;
@@ -260,6 +288,7 @@ void forward_kernel(const DeformConv2dShape& s, const SamplingView<scalar_t>& v,
             }
           }
         }
+        current.swap(ahead);
       }
     });
     if constexpr (std::is_same_v<scalar_t, float>) {

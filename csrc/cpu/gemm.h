@@ -13,7 +13,8 @@
 // panel's vector loads, one broadcast per row and an FMA per (row, vector), all in registers.
 //
 // Determinism: every C element is one sequential FMA chain over k = 0 .. depth - 1 started from 0, then added
-// to C (when accumulating). Nothing depends on the thread count (one call runs on one thread); the ISA changes
+// to C (when accumulating); the depth runs in blocks (gemm.cpp's kDepthBlock) whose chains are stored and reloaded
+// as floats in between, which changes nothing. Nothing depends on the thread count (one call runs on one thread); the ISA changes
 // the rounding of a product only through FMA contraction.
 #pragma once
 

@@ -144,7 +144,7 @@ def _eval(args) -> int:
 
 def _predict(args) -> int:
     from eyecool.engine.api import predict
-    from eyecool.engine.api import write_panoptic_png
+    from eyecool.panoptic_format import write_panoptic_png
     from eyecool.visualize import draw_panoptic, save_image, side_by_side
 
     images, overrides = _split_overrides(args.inputs)

@@ -362,6 +362,9 @@ at::Tensor transposed_planes(const at::Tensor& src, int64_t batch, int64_t rows,
 // [N, C, H, W] -> contiguous [N, H, W, C] (in the compute type).
 at::Tensor channels_last_copy(const at::Tensor& input, at::ScalarType type) {
   const int64_t n = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
+  // A channels_last input of the compute type already is that layout: no copy.
+  const at::Tensor nhwc = input.permute({0, 2, 3, 1});
+  if (input.scalar_type() == type && nhwc.is_contiguous()) return nhwc;
   return transposed_planes(input.to(type).contiguous(), n, c, h * w).view({n, h, w, c});
 }
 

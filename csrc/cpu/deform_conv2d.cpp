@@ -5,9 +5,11 @@
 //             weights computed once per pixel, kernel point and offset group, modulation folded in) and
 //             multiplies it with the weight into its own output columns: out[:, tile] = W @ cols^T.
 //   backward: parallel over blocks of input channels. A block walks every tile in the same order, rebuilds its
-//             slice of the columns, accumulates its columns of grad_weight (grad_out^T @ cols), forms its column
-//             gradient with one GEMM (grad_out @ W) and scatters it into its own channels of grad_input; offset
-//             and mask gradients are per-block partial sums reduced in block order. Every output has one owner,
+//             slice of the columns (in float, straight into the grad_w GEMM's packed panels), accumulates its
+//             columns of grad_weight (grad_out^T @ cols), forms its column gradient with one GEMM (grad_out @ W)
+//             and, in one pass per sample, scatters it into its own channels of grad_input and sums it against
+//             the taps for the offset and mask gradients, which are per-block partial sums reduced in block
+//             order. Every output has one owner,
 //             and the block partition does not depend on the thread count, so the result is deterministic and
 //             the same for any number of threads.
 //
